@@ -1,0 +1,134 @@
+"""The job configuration: one dataclass per concern, help text and range check beside each field.
+
+``opt(default, help, check=..., choices=...)`` declares a field; :mod:`loft_hpc.config.load`
+reads YAML into these classes, type-checks and range-checks every field, then checks the job as a
+whole (with the world size) in :func:`loft_hpc.config.validate.validate_job`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from loft_hpc.config.steps import Step
+
+
+def opt(default, help: str, check=None, choices=None):
+    meta = {"help": help, "check": check, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+POS = (lambda v: v > 0, "must be > 0")
+NONNEG = (lambda v: v >= 0, "must be >= 0")
+FRACTION = (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+UNIT = (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+RATIOS = (lambda v: len(v) > 0 and all(0.0 < x < 1.0 for x in v), "must be a non-empty list of values in (0, 1)")
+
+ARCHS = ("preresnet18", "preresnet34", "resnet34", "resnet18_lth", "lenet300_100", "conv2", "conv4", "conv6", "vgg19")
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")
+
+
+@dataclass
+class DataConfig:
+    name: str = opt("digits", "data set", choices=DATASETS)
+    root: str = opt("", "folder holding the data set files (cifar: the cifar-10-batches-py parent; imagenet: folder with train/ and val/)")
+    image_size: int = opt(0, "side of the (square) training images; 0 = the data set's own (digits: 32, cifar: 32, imagenet: 224)", check=NONNEG)
+    batch_size: int = opt(128, "mini-batch size per rank", check=POS)
+    eval_batch_size: int = opt(256, "batch size for evaluation", check=POS)
+    num_workers: int = opt(0, "DataLoader worker processes per rank (0 = load in the training process)", check=NONNEG)
+    augment: bool = opt(True, "standard augmentation of the data set (random crop + flip; digits: small random shifts)")
+    verify_checksums: bool = opt(True, "check the MD5 of the CIFAR batch files (switch off for re-packed or test files)")
+    shard: bool = opt(False, "give each rank a disjoint 1/S shard of the training set (default: every rank iterates the whole set in its own order, as the paper's code)")
+    synthetic_train_size: int = opt(512, "synthetic data: training samples", check=POS)
+    synthetic_test_size: int = opt(256, "synthetic data: test samples", check=POS)
+    synthetic_classes: int = opt(10, "synthetic data: number of classes", check=(lambda v: v >= 2, "must be >= 2"))
+    test_fraction: float = opt(0.25, "digits: fraction of the 1,797 images held out as the test set", check=(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"))
+
+
+@dataclass
+class ModelConfig:
+    arch: str = opt("preresnet18", "network architecture", choices=ARCHS)
+    stem: str = opt("auto", "ResNet stem: cifar (3x3, no max-pool), imagenet (7x7/2 + max-pool), auto (from the data set)", choices=("auto", "cifar", "imagenet"))
+    width: int = opt(64, "channels of the first stage (ResNets: 64 in the paper; 16 for the LTH ResNet-18); later stages double it", check=POS)
+    inner_width_factor: float = opt(1.0, "ResNet blocks: inner width (conv1 out / bn2 / conv2 in) as a multiple of the block width (the paper's release uses 2)", check=POS)
+    partition_rule: str = opt("loft", "which filter groups LoFT partitions: loft (the model's default: the paper's rule for ResNets), all, none", choices=("loft", "all", "none"))
+
+
+@dataclass
+class TrainConfig:
+    method: str = opt("loft", "pretraining method: loft (filter-wise partitions, K local steps, shard exchange) or dense (data parallel with hvd.DistributedOptimizer)", choices=("loft", "dense"))
+    local_steps: int = opt(15, "LoFT: K, local SGD steps between two exchanges (the paper's ImageNet script: 15)", check=POS)
+    momentum_mode: str = opt("carry", "LoFT: optimizer momentum across rounds: carry (each filter's momentum travels with it, shared momentum averaged) or reset (the paper's release)", choices=("carry", "reset"))
+    duration: Step = opt(Step(20, "ep"), "pretraining length ('20ep' or '3000it'; for LoFT, local steps per rank)")
+    lr: float = opt(0.1, "learning rate", check=POS)
+    momentum: float = opt(0.9, "SGD momentum", check=FRACTION)
+    weight_decay: float = opt(1e-5, "SGD weight decay", check=NONNEG)
+    nesterov: bool = opt(False, "Nesterov momentum")
+    schedule: str = opt("multistep", "learning-rate schedule", choices=("constant", "multistep", "cosine"))
+    milestones: list = opt([], "multistep: steps at which lr is multiplied by gamma, e.g. ['10ep', '15ep'] or [57000, 114000]")
+    gamma: float = opt(0.1, "multistep: lr factor at each milestone", check=POS)
+    eval_every: Step = opt(Step(1, "ep"), "evaluate the full model every this many steps (LoFT: rounded up to a whole round)")
+    check_sync: bool = opt(False, "after every exchange, verify that all ranks hold the identical full model (one digest allgather per round; for debugging and tests)")
+    log_every: int = opt(20, "log a line every this many steps", check=POS)
+    seed: int = opt(0, "seed of everything: initial weights, partitions, data order, augmentation", check=NONNEG)
+    device: str = opt("auto", "auto (one CUDA device per local rank when available, else CPU), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    threads: int = opt(0, "torch intra-op threads per rank (0 = cores / local ranks, at least 1)", check=NONNEG)
+    progress: bool = opt(True, "tqdm progress bar on rank 0 (only when stderr is a terminal)")
+
+
+@dataclass
+class PruneConfig:
+    method: str = opt("structured", "structured (whole filter groups by filter norm) or unstructured (single weights by magnitude)", choices=("structured", "unstructured"))
+    scope: str = opt("layerwise", "rank filters / weights per layer (layerwise) or across the whole network (global)", choices=("layerwise", "global"))
+    ratios: list = opt([0.5, 0.8], "target pruned fractions; one ticket per value", check=RATIOS)
+    levels: int = opt(1, "IMP levels n: each level prunes 1-(1-p)^(1/n) of the survivors and retrains; 1 = one-shot", check=POS)
+    score: str = opt("l2", "filter score for structured pruning: l2 (squared L2 norm, as the paper) or l1", choices=("l2", "l1"))
+    groups: str = opt("partitioned", "structured: which filter groups are pruned: partitioned (the groups LoFT partitions, as the paper) or all", choices=("partitioned", "all"))
+    conv_rate: float = opt(0.2, "unstructured layerwise: pruned fraction of each conv layer per level, scaled so the levels reach the ratio (the LTH table's per-layer rates)", check=FRACTION)
+    fc_rate: float = opt(0.2, "unstructured layerwise: relative pruned fraction of fully-connected layers (0 keeps them dense, as the LTH ResNet/VGG setting)", check=UNIT)
+    mask_from: str = opt("end", "weights that rank the filters/weights: end (of pretraining) or a pretraining step in output.snapshot_weights ('5ep'): the ticket found at that snapshot")
+    rewind: str = opt("end", "weights the ticket restarts from: init (theta_0), end (end of pretraining: fine-tuning, the paper's release) or a step like '500it' / '2ep' of pretraining")
+
+
+@dataclass
+class RetrainConfig:
+    duration: Step = opt(Step(90, "ep"), "retraining length per ticket (and per IMP level)")
+    lr: float = opt(0.1, "learning rate", check=POS)
+    momentum: float = opt(0.9, "SGD momentum", check=FRACTION)
+    weight_decay: float = opt(5e-4, "SGD weight decay", check=NONNEG)
+    schedule: str = opt("multistep", "learning-rate schedule", choices=("constant", "multistep", "cosine"))
+    milestones: list = opt([], "multistep milestones, e.g. ['30ep', '60ep', '80ep']")
+    gamma: float = opt(0.1, "multistep lr factor", check=POS)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = opt("runs/default", "output folder: checkpoints, logs, summary (relative to the current directory)")
+    checkpoint_every: Step = opt(Step(1, "ep"), "write a checkpoint every this many steps (LoFT: rounded up to a whole round); also at the end")
+    snapshot_every: Step = opt(Step(1, "ep"), "append filter-score snapshots every this many steps (LoFT: rounded up to a whole round)")
+    snapshot_weights: list = opt([], "steps at which full weights are stored as snapshots too, e.g. ['500it', '5ep']")
+    keep_checkpoints: int = opt(2, "checkpoint files kept per stage (the newest ones)", check=POS)
+    resume: bool = opt(True, "continue from the latest checkpoint in the output folder when there is one")
+
+
+@dataclass
+class JobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+SECTIONS = {
+    "data": (DataConfig, "the data set and its loading"),
+    "model": (ModelConfig, "the network and its filter groups"),
+    "train": (TrainConfig, "pretraining: LoFT partition/exchange, optimisation, schedule"),
+    "prune": (PruneConfig, "finding the ticket: structured/unstructured, one-shot/IMP, rewinding"),
+    "retrain": (RetrainConfig, "retraining each ticket with its mask"),
+    "output": (OutputConfig, "output folder, checkpoints, snapshots, resume"),
+}
+
+__all__ = ["JobConfig", "SECTIONS", "Step", "Optional"] + [c.__name__ for c, _ in SECTIONS.values()]

@@ -1,0 +1,163 @@
+"""``python -m loft_hpc.run --config FILE [--stage STAGE] [section.key=value ...]``
+
+Runs the lottery-ticket pipeline on every MPI rank of the job (``mpirun -np S``, ``srun``,
+``horovodrun`` or a plain single process). Everything is validated on every rank, and the ranks
+agree on the result, before the first Horovod collective: a bad value ends the job with one line
+and exit code 2 on every rank. Exit code 3 means "stopped on SIGUSR1/SIGTERM after writing a
+checkpoint: run the same command again (requeue) to continue".
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import traceback
+
+STAGES = {
+    "pretrain": "LoFT (or dense) pretraining from theta_0 -> pretrain.h5",
+    "prune": "find the tickets: structured/unstructured masks, one-shot or IMP -> tickets_pNN.h5",
+    "retrain": "retrain each ticket data-parallel with its mask enforced -> retrain_pNN.h5",
+    "all": "pretrain, prune, retrain, then print the summary table",
+}
+EXIT_CONFIG = 2
+
+
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    from loft_hpc.config import SECTIONS
+
+    stages = "\n".join(f"  {k:<9} {v}" for k, v in STAGES.items())
+    sections = []
+    for name, (cls, desc) in SECTIONS.items():
+        sections.append(f"  {name:<8} {desc}")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            sections.append(f"      {name}.{f.name} = {default!s:<12} {f.metadata.get('help', '')}")
+    p = argparse.ArgumentParser(
+        prog="python -m loft_hpc.run", add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="LoFT: lottery tickets through filter-wise training, on MPI ranks with Horovod.",
+        epilog=f"stages:\n{stages}\n\nconfig sections and keys (override any with section.key=value):\n" + "\n".join(sections)
+        + "\n\nexit codes: 0 done, 2 bad config/input, 3 stopped on signal after a checkpoint (run again to resume)")
+    p.add_argument("--config", default=None, help="YAML config file (default: the embedded default, configs/default.yaml)")
+    p.add_argument("--stage", default="all", help="pretrain, prune, retrain, all, or a comma list (default: all)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return p
+
+
+def parse_stages(text: str) -> list[str]:
+    from loft_hpc.config import ConfigError
+
+    parts = [s.strip() for s in text.split(",") if s.strip()]
+    for s in parts:
+        if s not in STAGES:
+            raise ConfigError(f"--stage: {s!r} is not one of {', '.join(STAGES)}")
+    if "all" in parts:
+        return ["pretrain", "prune", "retrain"]
+    return [s for s in ("pretrain", "prune", "retrain") if s in parts]
+
+
+def default_config_path() -> str:
+    from importlib import resources
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+    if repo.is_file():
+        return str(repo)
+    return str(resources.files("loft_hpc") / "configs" / "default.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from loft_hpc.config import ConfigError, config_to_yaml, load_config
+    from loft_hpc.utils.dist import init_mpi
+    from loft_hpc.utils.log import error_line
+
+    err, cfg, stages = None, None, []
+    try:
+        cfg = load_config(args.config or default_config_path(), args.overrides)
+        stages = parse_stages(args.stage)
+    except ConfigError as e:
+        err = str(e)
+    try:
+        dist = init_mpi(cfg.train.device if cfg else "cpu", cfg.train.threads if cfg else 1)
+    except RuntimeError as e:
+        dist, err = init_mpi("cpu", 1), err or str(e)
+    bundle = None
+    if err is None:
+        from loft_hpc.validate import validate_job
+
+        try:
+            bundle = validate_job(cfg, dist.size, stages)
+        except ConfigError as e:
+            err = str(e)
+    errors = dist.agree_errors(err)  # collective (mpi4py), before any Horovod collective
+    if errors:
+        if dist.is_root:
+            seen = set()
+            for r, m in errors:
+                if m not in seen:
+                    seen.add(m)
+                    error_line(m if len(errors) == dist.size else f"rank {r}: {m}")
+        return EXIT_CONFIG
+    if args.print_config:
+        if dist.is_root:
+            print(config_to_yaml(cfg), end="")
+        return 0
+    return run_stages(cfg, dist, stages, bundle)
+
+
+def run_stages(cfg, dist, stages, bundle) -> int:
+    from pathlib import Path
+
+    from loft_hpc.checkpoint.h5file import CheckpointError
+    from loft_hpc.checkpoint.paths import RunPaths
+    from loft_hpc.config import config_to_yaml
+    from loft_hpc.exchange.collectives import Collectives
+    from loft_hpc.prune.masks import MaskError
+    from loft_hpc.train.engine import Context, StopForRequeue
+    from loft_hpc.train.signals import EXIT_REQUEUE, StopRequest
+    from loft_hpc.utils.dist import start_horovod
+    from loft_hpc.utils.log import error_line, log
+
+    stop = StopRequest().install()
+    paths = RunPaths(Path(cfg.output.dir))
+    try:
+        start_horovod(dist)
+        if dist.is_root:
+            paths.root.mkdir(parents=True, exist_ok=True)
+            paths.config.write_text(config_to_yaml(cfg))
+        ctx = Context(cfg, dist, Collectives(dist.size), paths, stop, bundle.train, bundle.test)
+        log(f"job: stages {','.join(stages)} on {dist.size} rank(s), device {dist.device}, output {paths.root}", rank=dist.rank)
+        if "pretrain" in stages:
+            from loft_hpc.stages.pretrain import run_pretrain
+
+            run_pretrain(ctx, bundle)
+        if "prune" in stages:
+            from loft_hpc.stages.ticket import run_prune
+
+            run_prune(ctx, bundle)
+        if "retrain" in stages:
+            from loft_hpc.stages.retrain import run_retrain
+
+            run_retrain(ctx, bundle)
+        if stages == ["pretrain", "prune", "retrain"] and dist.is_root:
+            from loft_hpc.stages.summary import summary_table
+
+            table = summary_table(paths, cfg.prune.ratios, cfg.prune.mask_from)
+            paths.summary.write_text(table + "\n")
+            print("\n" + table, flush=True)
+        return 0
+    except StopForRequeue:
+        return EXIT_REQUEUE
+    except (CheckpointError, MaskError) as e:
+        error_line(f"rank {dist.rank}: {e}")
+        dist.abort(EXIT_CONFIG)
+    except Exception:
+        # A failure on one rank must end every rank at once, never leave them in a collective.
+        error_line(f"rank {dist.rank} failed:\n{traceback.format_exc()}")
+        dist.abort(1)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

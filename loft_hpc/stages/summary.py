@@ -1,0 +1,39 @@
+"""The summary table of a run folder: dense pretrained accuracy, each ticket, bytes exchanged."""
+from __future__ import annotations
+
+from loft_hpc.checkpoint.h5file import read_run_file
+from loft_hpc.checkpoint.paths import RunPaths
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.4f} GB" if n >= 1e7 else f"{n / 1e6:.3f} MB"
+
+
+def summary_table(paths: RunPaths, ratios: list[float], mask_from: str = "end") -> str:
+    lines = []
+    pre = read_run_file(paths.pretrain) if paths.pretrain.is_file() else None
+    head = f"{'model':<28} {'test acc':>9} {'pruned':>8} {'bytes exchanged (all ranks)':>28}"
+    lines += [head, "-" * len(head)]
+    if pre is not None:
+        m = pre.metrics[-1] if pre.metrics else {}
+        nbytes = m.get("bytes_sent", 0) + m.get("bytes_received", 0)
+        import yaml
+
+        cfg = yaml.safe_load(pre.config_yaml)
+        method = "LoFT" if cfg["train"]["method"] == "loft" else "dense"
+        name = f"pretrained ({method}-{pre.world_size}, dense)"
+        lines.append(f"{name:<28} {m.get('test_acc', float('nan')):>9.4f} {0:>8.1%} {_gb(nbytes):>28}")
+    for ratio in ratios:
+        p = paths.retrain(mask_from, ratio)
+        if not p.is_file():
+            lines.append(f"{'ticket ' + f'{ratio:.0%}':<28} {'(not retrained)':>9}")
+            continue
+        rf = read_run_file(p)
+        m = rf.metrics[-1] if rf.metrics else {}
+        kept = sum(r["kept"] for r in rf.sparsity)
+        total = sum(r["total"] for r in rf.sparsity)
+        nbytes = m.get("bytes_sent", 0) + m.get("bytes_received", 0)
+        lines.append(f"{'ticket ' + f'{ratio:.0%}' + ' retrained':<28} {m.get('test_acc', float('nan')):>9.4f} "
+                     f"{1 - kept / max(total, 1):>8.1%} {_gb(nbytes):>28}")
+    lines.append("pruned = fraction of the masked tensors' entries set to zero; bytes = payload sent + received by all ranks")
+    return "\n".join(lines)

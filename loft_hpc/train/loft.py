@@ -1,0 +1,99 @@
+"""LoFT pretraining: every round each rank trains the sub-network of its filters for K steps,
+then the shards are exchanged (:class:`loft_hpc.exchange.shards.ShardExchange`).
+
+Momentum: ``reset`` re-creates SGD every round (the paper's release); ``carry`` keeps a full-size
+momentum per parameter whose slices travel with the filters (shared momentum averaged).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+from loft_hpc.exchange.shards import ShardExchange
+from loft_hpc.partition.plan import PartitionPlan
+from loft_hpc.partition.slicing import TensorSlicer, subnetwork
+from loft_hpc.train.engine import RoundTrainer
+from loft_hpc.train.optim import get_momentum, make_sgd, set_momentum
+from loft_hpc.train.schedule import set_lr
+from loft_hpc.utils.log import log
+
+
+def _fault_from_env():
+    """``LOFT_FAULT_INJECT=RANK:ROUND`` makes that rank raise in that round: a test hook for the
+    failure path (one failing rank must end the whole job, never hang it)."""
+    v = os.environ.get("LOFT_FAULT_INJECT")
+    if not v:
+        return None
+    r, _, k = v.partition(":")
+    return int(r), int(k)
+
+
+_FAULT = _fault_from_env()
+
+
+class LoftTrainer(RoundTrainer):
+    stage = "pretrain"
+
+    def __init__(self, ctx, model, groups, **kw) -> None:
+        super().__init__(ctx, model, groups, steps_per_round=ctx.cfg.train.local_steps, **kw)
+        self.slicer = TensorSlicer([g for g in groups if g.partitioned])
+        self.partitioned = [g for g in groups if g.partitioned]
+        t = self.cfg.train
+        self.carry = t.momentum_mode == "carry" and t.momentum > 0
+        self.exchange = ShardExchange(model, self.slicer, self.coll, carry_momentum=self.carry)
+        self.full_mom = {n: torch.zeros_like(p) for n, p in model.named_parameters()} if self.carry else {}
+        self.sync_checks = 0
+
+    def plan(self, round_: int) -> PartitionPlan:
+        return PartitionPlan.draw(self.cfg.train.seed, round_, self.partitioned, self.dist.size)
+
+    def train_round(self, n_steps: int) -> None:
+        t = self.cfg.train
+        if _FAULT and _FAULT == (self.dist.rank, self.round):
+            raise RuntimeError(f"injected fault (LOFT_FAULT_INJECT) on rank {self.dist.rank} in round {self.round}")
+        plan = self.plan(self.round)
+        keep = plan.keep(self.dist.rank)
+        sub = subnetwork(self.model, self.slicer, keep)
+        sub.train()
+        opt = make_sgd(sub, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov)
+        sub_names = dict(sub.named_parameters())
+        if self.carry:
+            set_momentum(sub, opt, {n: self.slicer.extract(n, self.full_mom[n], keep) for n in sub_names})
+        for i in range(n_steps):
+            step = self.step + i
+            set_lr(opt, self.lr_fn(step))
+            opt.zero_grad(set_to_none=True)
+            self.forward_backward(sub, step)
+            opt.step()
+        sub_mom = get_momentum(sub, opt) if self.carry else {}
+        # Horovod: every rank calls exchange once per round, in the same round order.
+        self.exchange.exchange(self.model, sub, self.full_mom, sub_mom, plan, self.dist.rank, self.round)
+        if t.check_sync:
+            self._check_sync()
+
+    def _check_sync(self) -> None:
+        """All ranks must now hold the same full model and momentum, bit for bit."""
+        h = hashlib.sha256()
+        for d in (self.model.state_dict(), self.full_mom):
+            for n in sorted(d):
+                h.update(n.encode())
+                h.update(d[n].detach().cpu().contiguous().numpy().tobytes())
+        digests = self.dist.comm.allgather(h.hexdigest())  # control message, every round
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"round {self.round}: ranks disagree on the model after the exchange: {digests}")
+        self.sync_checks += 1
+
+    def _finish(self) -> None:
+        super()._finish()
+        if self.cfg.train.check_sync:
+            log(f"sync check: {self.sync_checks} rounds, all ranks identical after every exchange", rank=self.dist.rank)
+
+    def momentum_state(self):
+        return self.full_mom
+
+    def load_momentum(self, momentum):
+        if self.carry:
+            for n, t in momentum.items():
+                self.full_mom[n].copy_(t)

@@ -1,0 +1,86 @@
+"""The distributed context: MPI world, Horovod, device per local rank.
+
+``Dist`` wraps what the trainers need (rank, size, device, collectives) so that a job of one
+rank runs the same code path. Collectives that move model data are in :mod:`loft_hpc.exchange`;
+the ones here are small control messages (agreeing on errors, signals, metric sums).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Dist:
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    comm: object  # mpi4py communicator
+    device: torch.device
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def agree_errors(self, message: str | None) -> list[tuple[int, str]]:
+        """Every rank learns every rank's error (None = fine). An mpi4py gather of short strings,
+        issued before any Horovod collective so that a bad input on one rank cannot cause a hang."""
+        msgs = self.comm.allgather(message)  # order: same on every rank (collective)
+        return [(r, m) for r, m in enumerate(msgs) if m]
+
+    def any_flag(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on at least one (signal agreement)."""
+        from mpi4py import MPI
+
+        return bool(self.comm.allreduce(1 if flag else 0, op=MPI.MAX))
+
+    def abort(self, code: int = 1) -> None:
+        """Stop every rank of the job now (used when a rank fails mid-round: never a hang)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.size > 1:
+            self.comm.Abort(code)
+        os._exit(code)
+
+
+def init_mpi(device_pref: str = "auto", threads: int = 0) -> Dist:
+    """MPI only (mpi4py initialises it): enough to validate inputs and agree on errors before
+    the first Horovod collective. One device per local rank; torch threads per rank."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank, local_size = local.Get_rank(), local.Get_size()
+    if device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but CUDA is not available on this node")
+        dev = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(dev)
+        device = torch.device("cuda", dev)
+    else:
+        device = torch.device("cpu")
+    torch.set_num_threads(threads_per_rank(threads, local_size))
+    return Dist(comm.Get_rank(), comm.Get_size(), local_rank, local_size, comm, device)
+
+
+def threads_per_rank(threads: int, local_size: int) -> int:
+    """``train.threads`` if set, else ``OMP_NUM_THREADS`` if set, else cores / local ranks."""
+    if threads:
+        return threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, (os.cpu_count() or 1) // local_size)
+
+
+def start_horovod(dist: Dist) -> None:
+    """Horovod on the same communicator (after validation; only needed with more than one rank)."""
+    if dist.size > 1:
+        import horovod.torch as hvd
+
+        hvd.init(comm=dist.comm)
+        assert hvd.rank() == dist.rank and hvd.size() == dist.size

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# mpirun with what this kind of machine needs: --allow-run-as-root when root, --oversubscribe
+# when more ranks than cores, one torch thread per rank when oversubscribed, and Horovod's stall
+# check turned into an error. Usage: scripts/mpirun.sh -np 4 python -m loft_hpc.run ...
+set -euo pipefail
+np=1
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  [ "${args[i]}" = "-np" ] || [ "${args[i]}" = "-n" ] && np="${args[i+1]}"
+done
+extra=(--bind-to none)
+[ "$(id -u)" = 0 ] && extra+=(--allow-run-as-root)
+cores=$(nproc)
+if [ "$np" -gt "$cores" ]; then
+  extra+=(--oversubscribe)
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+fi
+export HOROVOD_STALL_CHECK_TIME_SECONDS="${HOROVOD_STALL_CHECK_TIME_SECONDS:-60}"
+export HOROVOD_STALL_SHUTDOWN_TIME_SECONDS="${HOROVOD_STALL_SHUTDOWN_TIME_SECONDS:-120}"
+exec mpirun "${extra[@]}" -x OMP_NUM_THREADS -x HOROVOD_STALL_CHECK_TIME_SECONDS \
+  -x HOROVOD_STALL_SHUTDOWN_TIME_SECONDS -x PATH -x PYTHONPATH "$@"

@@ -1,0 +1,27 @@
+#!/bin/bash
+#SBATCH --job-name=loft-prune
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=1
+#SBATCH --time=02:00:00
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=loft-%x-%j.out
+#
+# Finds the tickets (masks) from the pretrained weights: `--stage prune`.  Submitted by a
+# pretraining job or slurm/chain.sh with --dependency=afterok:<pretrain job>; the environment
+# (LOFT_CONFIG, LOFT_OUT, LOFT_OVERRIDES, ...) comes from the submitter.  Pruning runs on any
+# number of ranks: LOFT_PRUNE_NP (default: the job's task count, 1).
+set -uo pipefail
+# SLURM runs a copy of this script from its spool folder: find the repository (LOFT_REPO, the
+# submitted script's path, the submit folder, or next to this file) and its slurm/common.sh.
+for _d in "${LOFT_REPO:-}" "$(dirname "$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null |
+    sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")/.." "${SLURM_SUBMIT_DIR:-.}" "$(dirname "$0")/.."; do
+  [ -f "$_d/slurm/common.sh" ] && break
+done
+[ -f "$_d/slurm/common.sh" ] || { echo "cannot find slurm/common.sh: set LOFT_REPO" >&2; exit 1; }
+# shellcheck source=slurm/common.sh
+source "$_d/slurm/common.sh"
+
+loft_stage_job prune "${LOFT_PRUNE_NP:-${SLURM_NTASKS:-1}}"

@@ -1,0 +1,500 @@
+"""The SLURM side of loft_hpc: job templates under slurm/, tested on a real single-machine SLURM.
+
+* Without a cluster: every slurm/*.sh parses (bash -n), the launch wrapper composes the right
+  mpirun/srun lines, and the signal wrapper forwards USR1/TERM and passes exit code 3 through.
+* With the ``slurm_cluster`` fixture (real slurmctld + slurmd + munge): afterok chains run in
+  order, a failed job cancels its dependents (--kill-on-invalid-dep=yes), exit code 3 requeues the
+  job through slurm/common.sh, a USR1 to the batch shell reaches every MPI rank through mpirun, and
+  the real templates (chain.sh, pretrain.sh, prune.sh, retrain.sh, the snapshot array) submit and
+  run the stages in order, with a launcher stand-in that records what it was asked to run.
+* The real pipeline (``python -m loft_hpc.run`` on the digits data set) through slurm/chain.sh,
+  when the package provides it.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM = REPO / "slurm"
+JOB_SCRIPTS = ["pretrain.sh", "prune.sh", "retrain.sh", "retrain_snapshots_array.sh",
+               "imagenet_loft4.sh", "cifar10_loft2.sh", "cifar10_loft4.sh", "cifar100_loft4.sh"]
+DATASET_SCRIPTS = {  # script -> (config, nodes x ranks per node)
+    "imagenet_loft4.sh": ("configs/imagenet_preresnet18_loft4.yaml", 4),
+    "cifar10_loft2.sh": ("configs/cifar10_preresnet34_loft2.yaml", 2),
+    "cifar10_loft4.sh": ("configs/cifar10_preresnet34_loft4.yaml", 4),
+    "cifar100_loft4.sh": ("configs/cifar100_preresnet34_loft4.yaml", 4),
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_loft_env(monkeypatch):
+    """LOFT_* variables of the caller's shell must not leak into the jobs under test."""
+    for k in list(os.environ):
+        if k.startswith("LOFT_"):
+            monkeypatch.delenv(k)
+
+
+def _venv_env() -> dict:
+    """How the jobs find python: the venv running these tests (activated by common.sh)."""
+    if (Path(sys.prefix) / "bin" / "activate").exists():
+        return {"LOFT_VENV": sys.prefix}
+    return {"LOFT_PYTHON": sys.executable}
+
+
+def _script(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def _headers(path: Path) -> dict:
+    """#SBATCH options of a job script as {option: value}."""
+    out = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"#SBATCH\s+(--[\w-]+)(?:=(\S+))?", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def _bash(code: str, env: dict | None = None, cwd=None, timeout: float = 30) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LOFT_"))}
+    full.update(env or {})
+    return subprocess.run(["bash", "-c", code], env=full, cwd=cwd, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=timeout)
+
+
+def _wait_for(pred, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# ====================================================================== no cluster needed
+def test_expected_scripts_exist():
+    for name in JOB_SCRIPTS + ["common.sh", "chain.sh", "README.md"]:
+        assert (SLURM / name).is_file(), f"slurm/{name} is missing"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in SLURM.glob("*.sh")))
+def test_bash_syntax(script):
+    res = subprocess.run(["bash", "-n", str(SLURM / script)], stderr=subprocess.PIPE, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("script", JOB_SCRIPTS)
+def test_job_headers_checkpoint_and_requeue(script):
+    h = _headers(SLURM / script)
+    assert "--requeue" in h, "a job that exits 3 must be requeueable"
+    assert re.fullmatch(r"B:USR1@\d+", h.get("--signal") or ""), "the batch shell must get USR1"
+    assert h.get("--open-mode") == "append", "a requeued run must not truncate the log"
+    assert h.get("--output"), "name the log file"
+    assert h.get("--time"), "a time limit is what makes the signal useful"
+
+
+@pytest.mark.parametrize("script", sorted(DATASET_SCRIPTS))
+def test_dataset_scripts_one_rank_per_gpu(script):
+    config, ranks = DATASET_SCRIPTS[script]
+    text = (SLURM / script).read_text()
+    h = _headers(SLURM / script)
+    nodes, per_node = int(h["--nodes"]), int(h["--ntasks-per-node"])
+    assert nodes * per_node == ranks
+    gpus = h.get("--gres") or h.get("--gpus-per-node") or ""
+    assert gpus.split(":")[-1] == str(per_node) or h.get("--gpus-per-task") == "1", \
+        "one rank per GPU"
+    assert int(h["--cpus-per-task"]) >= 1
+    assert config in text
+    assert "loft_pretrain_job" in text
+
+
+@pytest.mark.parametrize("script", sorted(DATASET_SCRIPTS))
+def test_dataset_script_runs_its_config_outside_slurm(script, tmp_path):
+    """`bash slurm/<script>` (no SLURM): finds common.sh next to itself, runs the pretraining
+    stage of its own config through the launcher, submits nothing."""
+    config, ranks = DATASET_SCRIPTS[script]
+    if not (REPO / config).is_file():
+        pytest.skip(f"{config} is not there yet")
+    launcher = _script(tmp_path / "launcher.sh", 'echo "$*" >> "$DIR/calls"\n')
+    res = _bash(f"bash {SLURM / script}", dict(_venv_env(), DIR=str(tmp_path),
+                LOFT_LAUNCHER=str(launcher), LOFT_NP=str(ranks), LOFT_DATA="data"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    (call,) = (tmp_path / "calls").read_text().splitlines()
+    assert call.startswith(f"-np {ranks} ")
+    assert f"--config {REPO / config} --stage pretrain" in call
+    assert f"output.dir={tmp_path}/runs/{Path(config).stem}" in call
+    assert f"data.root={tmp_path}/data" in call
+
+
+def test_snapshot_array_header():
+    h = _headers(SLURM / "retrain_snapshots_array.sh")
+    assert re.fullmatch(r"0-\d+", h["--array"])
+    assert "%a" in h["--output"]
+
+
+def _compose(code: str, env: dict, cwd=None) -> list:
+    res = _bash(f"source {SLURM}/common.sh; {code}", env, cwd=cwd)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.split()
+
+
+def test_launcher_lines():
+    mpirun = _compose('loft_launcher_cmd 4; printf "%s\\n" "${LOFT_LAUNCH_CMD[@]}"',
+                      {"LOFT_OVERSUBSCRIBE": "1", "OMP_NUM_THREADS": "1"})
+    assert mpirun[:3] == ["mpirun", "-np", "4"]
+    assert "--oversubscribe" in mpirun
+    assert ("--allow-run-as-root" in mpirun) == (os.geteuid() == 0)
+    assert "OMP_NUM_THREADS" in mpirun
+    plain = _compose('loft_launcher_cmd 2; printf "%s\\n" "${LOFT_LAUNCH_CMD[@]}"', {})
+    assert "--oversubscribe" not in plain
+    srun = _compose('loft_launcher_cmd 4; printf "%s\\n" "${LOFT_LAUNCH_CMD[@]}"',
+                    {"LOFT_LAUNCHER": "srun", "SLURM_CPUS_PER_TASK": "8"})
+    assert srun[0] == "srun" and "--mpi=pmix" in srun and "--ntasks=4" in srun
+    assert "--cpus-per-task=8" in srun and "--allow-run-as-root" not in srun
+    custom = _compose('loft_launcher_cmd 3; printf "%s\\n" "${LOFT_LAUNCH_CMD[@]}"',
+                      {"LOFT_LAUNCHER": "horovodrun --verbose"})
+    assert custom == ["horovodrun", "--verbose", "-np", "3"]
+
+
+def test_stage_command_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("x: 1\n")
+    (tmp_path / "prune.ratios=0").write_text("")  # a glob would expand prune.ratios=[0.5] to this
+    argv = _compose('loft_resolve_paths; loft_stage_cmd prune,retrain prune.mask_from=5ep; '
+                    'printf "%s\\n" "${LOFT_STAGE_CMD[@]}"',
+                    {"LOFT_CONFIG": str(cfg), "LOFT_OUT": "rel/out", "LOFT_DATA": "/d",
+                     "LOFT_OVERRIDES": "train.duration=30it prune.ratios=[0.5]",
+                     "LOFT_PRUNE_OVERRIDES": "prune.x=1", "LOFT_PRETRAIN_OVERRIDES": "no.no=1",
+                     "LOFT_PYTHON": "py"}, cwd=tmp_path)
+    i = argv.index("--stage")
+    assert argv[:i] == ["py", "-m", "loft_hpc.run", "--config", str(cfg)]
+    assert argv[i + 1] == "prune,retrain"
+    assert argv[i + 2:] == [f"output.dir={tmp_path}/rel/out", "data.root=/d",
+                            "train.duration=30it", "prune.ratios=[0.5]", "prune.x=1",
+                            "prune.mask_from=5ep"]
+    res = _bash(f"source {SLURM}/common.sh; loft_resolve_paths", {"LOFT_CONFIG": "no/such.yaml"})
+    assert res.returncode == 2 and "config file not found" in res.stderr
+
+
+_TRAPPING_CHILD = r"""
+trap 'echo "child got USR1" >> "$LOG"; exit 3' USR1
+trap 'echo "child got TERM" >> "$LOG"; exit 9' TERM
+touch "$LOG.ready"
+for i in $(seq 300); do sleep 0.1; done
+exit 1
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_is_forwarded_as_usr1_and_exit_3_returned_outside_slurm(tmp_path, sig):
+    """USR1 or TERM to the wrapper reaches the launcher as USR1 (mpirun passes USR1 on to the
+    ranks but kills them on TERM); without SLURM_JOB_ID exit code 3 comes back unchanged."""
+    log = tmp_path / "log"
+    child = _script(tmp_path / "child.sh", _TRAPPING_CHILD)
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LOFT_"))}
+    full["LOG"] = str(log)
+    proc = subprocess.Popen(["bash", "-c", f'source {SLURM}/common.sh; loft_run_requeueable {child}; '
+                             'echo "wrapper returned $?" >> "$LOG"'],
+                            env=full, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: Path(f"{log}.ready").exists(), 10, "the child to start")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert log.read_text().splitlines() == ["child got USR1", "wrapper returned 3"], err
+
+
+# ====================================================================== mechanism, real SLURM
+STEP = """#SBATCH --requeue
+echo "$STEP start $(date +%s.%N) $SLURM_JOB_ID" >> "$LOG"
+sleep "${NAP:-0}"
+echo "$STEP end $(date +%s.%N)" >> "$LOG"
+exit "${RC:-0}"
+"""
+
+
+def _step(tmp_path: Path, name: str, rc: int = 0, nap: float = 0) -> Path:
+    body = STEP.replace("$STEP", name).replace("${RC:-0}", str(rc)).replace("${NAP:-0}", str(nap))
+    return _script(tmp_path / f"{name}.sh", body)
+
+
+def _log_lines(path: Path) -> list:
+    return [ln.split() for ln in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_afterok_chain_runs_in_order(slurm_cluster, tmp_path):
+    log = tmp_path / "log"
+    env = {"LOG": str(log)}
+    out = [f"--output={tmp_path}/%x-%j.out"]
+    a = slurm_cluster.submit(_step(tmp_path, "a", nap=1.5), sbatch_args=out, env=env)
+    b = slurm_cluster.submit(_step(tmp_path, "b"), env=env, sbatch_args=out + [
+        f"--dependency=afterok:{a}", "--kill-on-invalid-dep=yes"])
+    c = slurm_cluster.submit(_step(tmp_path, "c"), env=env, sbatch_args=out + [
+        f"--dependency=afterok:{b}", "--kill-on-invalid-dep=yes"])
+    assert slurm_cluster.job_state(b) == "PENDING"  # a sleeps 1.5 s
+    res = slurm_cluster.wait_jobs([a, b, c], timeout=60)
+    assert {j: r.state for j, r in res.items()} == {a: "COMPLETED", b: "COMPLETED", c: "COMPLETED"}
+    lines = _log_lines(log)
+    assert [(ln[0], ln[1]) for ln in lines] == [
+        ("a", "start"), ("a", "end"), ("b", "start"), ("b", "end"), ("c", "start"), ("c", "end")]
+    times = [float(ln[2]) for ln in lines]
+    assert times == sorted(times)
+
+
+def test_failed_job_cancels_its_dependents(slurm_cluster, tmp_path):
+    log = tmp_path / "log"
+    env = {"LOG": str(log)}
+    out = [f"--output={tmp_path}/%x-%j.out"]
+    a = slurm_cluster.submit(_step(tmp_path, "a", rc=1), sbatch_args=out, env=env)
+    b = slurm_cluster.submit(_step(tmp_path, "b"), env=env, sbatch_args=out + [
+        f"--dependency=afterok:{a}", "--kill-on-invalid-dep=yes"])
+    c = slurm_cluster.submit(_step(tmp_path, "c"), env=env, sbatch_args=out + [
+        f"--dependency=afterok:{b}", "--kill-on-invalid-dep=yes"])
+    # Without --kill-on-invalid-dep the dependent would wait forever (PLATFORM.md).
+    d = slurm_cluster.submit(_step(tmp_path, "d"), env=env, sbatch_args=out + [
+        f"--dependency=afterok:{a}", "--kill-on-invalid-dep=no"])
+    res = slurm_cluster.wait_jobs([a, b, c], timeout=60)
+    assert (res[a].state, res[a].exit_code) == ("FAILED", 1)
+    assert res[b].state == "CANCELLED" and res[c].state == "CANCELLED"
+    assert [ln[0] for ln in _log_lines(log)] == ["a", "a"], "dependents of a failed job ran"
+    assert not list(tmp_path.glob("b.sh-*.out")) and not list(tmp_path.glob("c.sh-*.out"))
+    info = slurm_cluster.result(d)
+    assert info.state == "PENDING" and info["reason"] == "DependencyNeverSatisfied"
+    subprocess.run(["scancel", d], env=slurm_cluster.client_env(), check=True)
+
+
+_EXIT_3_ONCE = r"""
+n=$(( $(cat "$DIR/count" 2>/dev/null || echo 0) + 1 )); echo $n > "$DIR/count"
+echo "call $n restart=${SLURM_RESTART_COUNT:-0} $*" >> "$DIR/calls"
+[ "$n" = 1 ] && exit 3
+exit 0
+"""
+
+
+def test_exit_3_requeues_the_job_through_common_sh(slurm_cluster, tmp_path):
+    fake = _script(tmp_path / "launcher.sh", _EXIT_3_ONCE)
+    job = _script(tmp_path / "job.sh", f"""#SBATCH --requeue
+#SBATCH --open-mode=append
+source {SLURM}/common.sh
+loft_run_requeueable {fake} -np 2 stage
+echo "job script went on with $?" >> "$DIR/calls"
+""")
+    jid = slurm_cluster.submit(job, env={"DIR": str(tmp_path)},
+                               sbatch_args=[f"--output={tmp_path}/job.out"])
+    res = slurm_cluster.wait_jobs([jid], timeout=60)[jid]
+    assert (res.state, res.exit_code, res["restarts"]) == ("COMPLETED", 0, 1), \
+        (tmp_path / "job.out").read_text()
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == ["call 1 restart=0 -np 2 stage", "call 2 restart=1 -np 2 stage",
+                     "job script went on with 0"]
+    assert "requeueing job" in (tmp_path / "job.out").read_text()
+
+
+_FAKE_RANK = r"""
+r=${OMPI_COMM_WORLD_RANK:-${SLURM_PROCID:-x}}
+echo "rank $r restart=${SLURM_RESTART_COUNT:-0} OMP=$OMP_NUM_THREADS $*" >> "$DIR/ranks"
+if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then
+  # like loft_hpc.run: on USR1 every rank checkpoints, then all exit 3 together
+  trap 'echo "rank $r got USR1" >> "$DIR/signals"; sleep 0.5; exit 3' USR1
+  touch "$DIR/ready.$r"
+  for i in $(seq 600); do sleep 0.1; done
+  exit 1
+fi
+exit 0
+"""
+
+
+def test_usr1_to_batch_shell_reaches_every_rank_and_requeues(slurm_cluster, tmp_path):
+    """What --signal=B:USR1@300 does near the time limit: the batch shell gets USR1, common.sh
+    hands it to the launcher (mpirun, and srun --mpi=pmix), which hands it to every rank; the
+    ranks exit 3 and the job requeues itself.  Both launchers run at the same time."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("x: 1\n")
+    jobs = {}
+    for launcher in ("mpirun", "srun"):
+        d = tmp_path / launcher
+        d.mkdir()
+        fake_python = _script(d / "python.sh", _FAKE_RANK)
+        env = {"DIR": str(d), "LOFT_PYTHON": str(fake_python), "LOFT_CONFIG": str(cfg),
+               "LOFT_OUT": str(d / "out"), "LOFT_SUBMIT_FOLLOWUPS": "0", "LOFT_NP": "2",
+               "LOFT_LAUNCHER": launcher}
+        jobs[launcher] = slurm_cluster.submit(
+            SLURM / "pretrain.sh", env=env, cwd=d,
+            sbatch_args=["--ntasks=2", f"--output={d}/pretrain.out"])
+    for launcher, jid in jobs.items():
+        d = tmp_path / launcher
+        _wait_for(lambda: all((d / f"ready.{r}").exists() for r in (0, 1))
+                  or slurm_cluster.job_state(jid) in ("FAILED", "COMPLETED"), 60,
+                  f"both ranks under {launcher}")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", jid],
+                       env=slurm_cluster.client_env(), check=True)
+    done = slurm_cluster.wait_jobs(jobs.values(), timeout=60)
+    for launcher, jid in jobs.items():
+        d, res = tmp_path / launcher, done[jid]
+        log = (d / "pretrain.out").read_text()
+        assert (res.state, res.exit_code, res["restarts"]) == ("COMPLETED", 0, 1), log
+        assert sorted((d / "signals").read_text().splitlines()) == [
+            "rank 0 got USR1", "rank 1 got USR1"], log
+        ranks = (d / "ranks").read_text().splitlines()
+        assert len(ranks) == 4 and all("--stage pretrain" in ln and "OMP=1" in ln for ln in ranks)
+        assert sorted(ln.split()[2] for ln in ranks) == ["restart=0"] * 2 + ["restart=1"] * 2
+        assert "sending SIGUSR1 to the launcher" in log
+        assert f"running: {launcher} " in log
+
+
+_RECORDING_LAUNCHER = r"""
+stage=$(printf '%s\n' "$@" | sed -n '/^--stage$/{n;p}')
+n=$(( $(cat "$DIR/count.$stage" 2>/dev/null || echo 0) + 1 )); echo $n > "$DIR/count.$stage"
+echo "$stage job=$SLURM_JOB_ID restart=${SLURM_RESTART_COUNT:-0} $*" >> "$DIR/calls"
+[ "$stage" = pretrain ] && [ "$n" = 1 ] && [ -n "${EXIT3_ONCE:-}" ] && exit 3
+exit 0
+"""
+
+
+def _calls(tmp_path: Path) -> list:
+    return (tmp_path / "calls").read_text().splitlines()
+
+
+def test_pretrain_job_submits_prune_and_retrain_once(slurm_cluster, tmp_path):
+    """`sbatch slurm/pretrain.sh` is the whole chain: on its first run it submits prune and
+    retrain (afterok), after a requeue it does not submit them again, and they run after it."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("x: 1\n")
+    launcher = _script(tmp_path / "launcher.sh", _RECORDING_LAUNCHER)
+    out = tmp_path / "out"
+    env = dict(_venv_env(), DIR=str(tmp_path), LOFT_LAUNCHER=str(launcher), EXIT3_ONCE="1",
+               LOFT_CONFIG=str(cfg), LOFT_OUT=str(out), LOFT_LOG_DIR=str(tmp_path / "logs"))
+    pre = slurm_cluster.submit(SLURM / "pretrain.sh", env=env, cwd=tmp_path,
+                               sbatch_args=["--ntasks=2", f"--output={tmp_path}/pretrain.out"])
+    _wait_for(lambda: "retrain=" in (tmp_path / "pretrain.out").read_text()
+              if (tmp_path / "pretrain.out").exists() else False, 30, "the follow-up jobs")
+    log = (tmp_path / "pretrain.out").read_text()
+    prune = re.search(r"^prune=(\d+)$", log, re.M).group(1)
+    retrain = re.search(r"^retrain=(\d+)$", log, re.M).group(1)
+    res = slurm_cluster.wait_jobs([pre, prune, retrain], timeout=90)
+    log = (tmp_path / "pretrain.out").read_text()
+    assert {j: r.state for j, r in res.items()} == dict.fromkeys([pre, prune, retrain], "COMPLETED"), log
+    assert res[pre]["restarts"] == 1
+    assert log.count("prune=") == 1, "follow-ups submitted again after the requeue"
+    assert len((out / "slurm_jobs.txt").read_text().splitlines()) == 1
+    calls = _calls(tmp_path)
+    assert [c.split()[0] for c in calls] == ["pretrain", "pretrain", "prune", "retrain"]
+    assert "restart=1" in calls[1]
+    assert " -np 2 " in calls[0] and " -np 1 " in calls[2] and " -np 2 " in calls[3]
+    for c in calls:
+        assert f"--config {cfg}" in c and f"output.dir={out}" in c
+    assert sorted(p.name.split("-")[1] for p in (tmp_path / "logs").glob("*.out")) == \
+        ["prune", "retrain"]
+
+
+def test_chain_sh_runs_three_stages_and_snapshot_array(slurm_cluster, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("x: 1\n")
+    launcher = _script(tmp_path / "launcher.sh", _RECORDING_LAUNCHER)
+    out = tmp_path / "out"
+    env = slurm_cluster.client_env(dict(
+        _venv_env(), DIR=str(tmp_path), LOFT_LAUNCHER=str(launcher), LOFT_CONFIG=str(cfg),
+        LOFT_OUT=str(out), LOFT_LOG_DIR=str(tmp_path / "logs"), LOFT_NP="2",
+        LOFT_OVERRIDES="train.duration=30it prune.ratios=[0.5]", LOFT_SNAPSHOTS="1ep end",
+        LOFT_RETRAIN_OVERRIDES="retrain.duration=20it"))
+    res = subprocess.run(["bash", str(SLURM / "chain.sh")], env=env, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    ids = res.stdout.split()
+    assert len(ids) == 4 and all(i.isdigit() for i in ids), res.stdout
+    pre, prune, retrain, snaps = ids
+    assert f"afterok:{pre}" in (slurm_cluster.job_info(prune) or {}).get("Dependency", "")
+    done = slurm_cluster.wait_jobs(ids, timeout=90)
+    assert {j: r.state for j, r in done.items()} == dict.fromkeys(ids, "COMPLETED"), \
+        slurm_cluster.logs(10)
+    assert len(done[snaps]["tasks"]) == 2
+    calls = _calls(tmp_path)
+    stages = [c.split()[0] for c in calls]
+    assert stages[0] == "pretrain"
+    assert stages.index("prune") < stages.index("retrain")
+    assert sorted(stages) == ["pretrain", "prune", "prune,retrain", "prune,retrain", "retrain"]
+    by_stage = {c.split()[0]: c for c in calls}
+    assert "prune.ratios=[0.5]" in by_stage["pretrain"] and " -np 2 " in by_stage["pretrain"]
+    assert " -np 1 " in by_stage["prune"]
+    assert " -np 2 " in by_stage["retrain"] and "retrain.duration=20it" in by_stage["retrain"]
+    assert "retrain.duration=20it" not in by_stage["pretrain"]
+    masks = sorted(re.search(r"prune\.mask_from=(\S+)", c).group(1)
+                   for c in calls if c.startswith("prune,retrain"))
+    assert masks == ["1ep", "end"]
+
+
+# ====================================================================== the real pipeline
+@pytest.fixture
+def loft_pipeline():
+    """Skip unless the package can run the pipeline (python -m loft_hpc.run with main())."""
+    if importlib.util.find_spec("loft_hpc") is None or importlib.util.find_spec("loft_hpc.run") is None:
+        pytest.skip("loft_hpc.run is not there yet")
+    mod = importlib.import_module("loft_hpc.run")
+    if not callable(getattr(mod, "main", None)):
+        pytest.skip("loft_hpc.run has no main()")
+    if not (REPO / "configs" / "default.yaml").is_file():
+        pytest.skip("configs/default.yaml is missing")
+
+
+TINY = "train.duration=30it train.local_steps=5 retrain.duration=20it prune.ratios=[0.5] data.batch_size=32"
+
+
+def _chain(cluster, tmp_path: Path, overrides: str) -> tuple:
+    out = tmp_path / "out"
+    env = cluster.client_env(dict(
+        _venv_env(), LOFT_CONFIG="configs/default.yaml", LOFT_OUT=str(out), LOFT_NP="2",
+        LOFT_OVERRIDES=overrides, LOFT_LOG_DIR=str(tmp_path / "logs")))
+    res = subprocess.run(["bash", "slurm/chain.sh"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    ids = res.stdout.split()
+    assert len(ids) == 3, res.stdout
+    return out, ids
+
+
+def _job_logs(tmp_path: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}"
+                     for p in sorted((tmp_path / "logs").glob("*.out")))
+
+
+def _ts(value: str) -> float:
+    return time.mktime(time.strptime(value, "%Y-%m-%dT%H:%M:%S"))
+
+
+def test_real_chain_pretrain_prune_retrain(slurm_cluster, loft_pipeline, tmp_path):
+    h5py = pytest.importorskip("h5py")
+    out, (pre, prune, retrain) = _chain(slurm_cluster, tmp_path, TINY)
+    res = slurm_cluster.wait_jobs([pre, prune, retrain], timeout=600)
+    states = {j: (r.state, r.exit_code) for j, r in res.items()}
+    assert states == dict.fromkeys([pre, prune, retrain], ("COMPLETED", 0)), \
+        f"{states}\n{_job_logs(tmp_path)}"
+    assert _ts(res[pre]["start_time"]) <= _ts(res[pre]["end_time"]) <= _ts(res[prune]["start_time"])
+    assert _ts(res[prune]["end_time"]) <= _ts(res[retrain]["start_time"])
+    for name in ("pretrain.h5", "retrain_p50.h5"):
+        assert (out / name).is_file(), f"{name} missing in {sorted(p.name for p in out.iterdir())}"
+    with h5py.File(out / "retrain_p50.h5", "r") as f:
+        assert isinstance(f.get("masks"), h5py.Group), list(f)
+        assert isinstance(f.get("metrics"), h5py.Dataset) and f["metrics"].size > 0, list(f)
+
+
+def test_real_chain_failing_pretrain_stops_the_chain(slurm_cluster, loft_pipeline, tmp_path):
+    out, (pre, prune, retrain) = _chain(slurm_cluster, tmp_path, TINY + " train.lr=-1")
+    res = slurm_cluster.wait_jobs([pre, prune, retrain], timeout=300)
+    assert (res[pre].state, res[pre].exit_code) == ("FAILED", 2), _job_logs(tmp_path)
+    assert res[prune].state == "CANCELLED" and res[retrain].state == "CANCELLED"
+    logs = sorted(p.name for p in (tmp_path / "logs").glob("*.out"))
+    assert not [n for n in logs if n.startswith(("loft-prune", "loft-retrain"))], logs
+    assert not list(out.glob("tickets*.h5")) and not list(out.glob("retrain*.h5"))
