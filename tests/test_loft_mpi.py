@@ -22,7 +22,7 @@ from tests.mpi_util import TINY, ok, run_job
 # neither 2 nor 4: the uneven deal is exercised in every run)
 JOB = TINY + ["model.width=5", "train.duration=24it", "train.local_steps=4", "train.eval_every=12it",
               "output.checkpoint_every=12it", "output.snapshot_every=8it", "train.seed=3", "train.lr=0.05",
-              "train.weight_decay=5e-4"]
+              "train.weight_decay=5e-4", "train.bn_recalibration=0"]
 
 
 def job_config(extra: list[str], out) -> object:

@@ -69,6 +69,7 @@ class TrainConfig:
     milestones: list = opt([], "multistep: steps at which lr is multiplied by gamma, e.g. ['10ep', '15ep'] or [57000, 114000]")
     gamma: float = opt(0.1, "multistep: lr factor at each milestone", check=POS)
     eval_every: Step = opt(Step(1, "ep"), "evaluate the full model every this many steps (LoFT: rounded up to a whole round)")
+    bn_recalibration: int = opt(20, "LoFT: recompute BN running statistics of the assembled model over this many training batches before each evaluation, snapshot and checkpoint (0 = keep the sub-networks' statistics, as the paper's release)", check=NONNEG)
     check_sync: bool = opt(False, "after every exchange, verify that all ranks hold the identical full model (one digest allgather per round; for debugging and tests)")
     log_every: int = opt(20, "log a line every this many steps", check=POS)
     seed: int = opt(0, "seed of everything: initial weights, partitions, data order, augmentation", check=NONNEG)

@@ -21,7 +21,7 @@ def summary_table(paths: RunPaths, ratios: list[float], mask_from: str = "end") 
 
         cfg = yaml.safe_load(pre.config_yaml)
         method = "LoFT" if cfg["train"]["method"] == "loft" else "dense"
-        name = f"pretrained ({method}-{pre.world_size}, dense)"
+        name = f"pretrained {method}-{pre.world_size} (unpruned)"
         lines.append(f"{name:<28} {m.get('test_acc', float('nan')):>9.4f} {0:>8.1%} {_gb(nbytes):>28}")
     for ratio in ratios:
         p = paths.retrain(mask_from, ratio)

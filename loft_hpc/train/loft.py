@@ -13,6 +13,7 @@ import torch
 
 from loft_hpc.exchange.shards import ShardExchange
 from loft_hpc.partition.plan import PartitionPlan
+from loft_hpc.train.bn_recalibration import recalibrate_bn
 from loft_hpc.partition.slicing import TensorSlicer, subnetwork
 from loft_hpc.train.engine import RoundTrainer
 from loft_hpc.train.optim import get_momentum, make_sgd, set_momentum
@@ -45,6 +46,7 @@ class LoftTrainer(RoundTrainer):
         self.exchange = ShardExchange(model, self.slicer, self.coll, carry_momentum=self.carry)
         self.full_mom = {n: torch.zeros_like(p) for n, p in model.named_parameters()} if self.carry else {}
         self.sync_checks = 0
+        self._recalibrated_at = None
 
     def plan(self, round_: int) -> PartitionPlan:
         return PartitionPlan.draw(self.cfg.train.seed, round_, self.partitioned, self.dist.size)
@@ -84,6 +86,13 @@ class LoftTrainer(RoundTrainer):
         if len(set(digests)) != 1:
             raise RuntimeError(f"round {self.round}: ranks disagree on the model after the exchange: {digests}")
         self.sync_checks += 1
+
+    def before_eval(self) -> None:
+        t = self.cfg.train
+        if t.bn_recalibration > 0 and self._recalibrated_at != self.step:  # eval + checkpoint at one step: once
+            self._recalibrated_at = self.step
+            recalibrate_bn(self.model, self.ctx.train_set, batches=t.bn_recalibration, batch_size=self.cfg.data.batch_size,
+                           seed=t.seed, tag=self.step, device=self.dist.device)
 
     def _finish(self) -> None:
         super()._finish()

@@ -1,0 +1,303 @@
+"""The filter-distance metric on hand-made cases, and the analysis CLIs on a real (tiny) run file.
+
+tools/filter_distance.py, tools/heatmap.py and tools/comm_table.py run as subprocesses on one
+pretraining file made once per module (single process, synthetic data, ~10 s)."""
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from loft_hpc.metrics import (chance_distance, distance_matrix, distance_to_reference, filter_distance,
+                              rank_positions, ranking, reversed_distance)
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+TOOLS = REPO / "tools"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def F(sigma) -> float:
+    """The paper's formula, written out: sum_i (1/i) |ln i - ln sigma(i)|."""
+    return sum(abs(math.log(i) - math.log(s)) / i for i, s in enumerate(sigma, 1))
+
+
+def scores_for(sigma) -> tuple[np.ndarray, np.ndarray]:
+    """(reference, snapshot) scores whose rankings give ``sigma`` (1-based): the filter at rank i of
+    the reference has rank sigma(i) at the snapshot."""
+    c = len(sigma)
+    ref = np.arange(c, 0, -1, dtype=float)          # filter f has reference rank f + 1
+    snap = np.empty(c)
+    for f, s in enumerate(sigma):
+        snap[f] = c + 1 - s                         # filter f has snapshot rank sigma(f + 1)
+    return ref, snap
+
+
+# ------------------------------------------------------------------------------------------ metric
+def test_ranking_and_positions():
+    s = np.array([0.3, 2.0, 0.3, 5.0, -1.0])
+    assert ranking(s).tolist() == [3, 1, 0, 2, 4]          # ties 0 and 2: lower index first
+    assert rank_positions(s).tolist() == [3, 2, 4, 1, 5]
+    h = np.stack([s, -s])
+    assert ranking(h)[1].tolist() == [4, 0, 2, 1, 3]
+    assert (rank_positions(h)[np.arange(2)[:, None], ranking(h)] == np.arange(1, 6)).all()
+
+
+def test_identical_ranking_is_zero():
+    rng = np.random.default_rng(0)
+    s = rng.random(64)
+    assert filter_distance(s, s) == 0.0
+    assert filter_distance(s, s ** 2 + 3.0) == 0.0          # only the order matters
+    assert filter_distance(s, s, normalize=False) == 0.0
+
+
+def test_hand_computed_value():
+    sigma = (2, 3, 1)
+    ref, snap = scores_for(sigma)
+    want = math.log(2) + 0.5 * abs(math.log(2) - math.log(3)) + math.log(3) / 3
+    assert filter_distance(ref, snap, normalize=False) == pytest.approx(want, rel=1e-12)
+    assert filter_distance(ref, snap) == pytest.approx(want / F((3, 2, 1)), rel=1e-12)
+
+
+def test_top_swap_costs_more_than_bottom_swap():
+    c = 16
+    ref = np.arange(c, 0, -1, dtype=float)
+    top = ref.copy()
+    top[[0, 1]] = top[[1, 0]]
+    bottom = ref.copy()
+    bottom[[c - 2, c - 1]] = bottom[[c - 1, c - 2]]
+    d_top, d_bottom = filter_distance(ref, top, normalize=False), filter_distance(ref, bottom, normalize=False)
+    assert d_top == pytest.approx(1.5 * math.log(2))
+    assert d_bottom == pytest.approx((1 / 15 + 1 / 16) * math.log(16 / 15))
+    assert d_top > 10 * d_bottom > 0
+
+
+def test_reversed_is_one_when_normalised():
+    for c in (2, 3, 16, 64, 513):
+        ref = np.linspace(1, 2, c)
+        assert filter_distance(ref, -ref) == pytest.approx(1.0, rel=1e-12)
+        assert filter_distance(ref, -ref, normalize=False) == pytest.approx(reversed_distance(c))
+        assert reversed_distance(c) == pytest.approx(F(range(c, 0, -1)))
+
+
+def test_reversed_is_a_scale_not_a_bound():
+    # documented: for C = 3 the maximiser is sigma = (3, 1, 2), 7.9% above the reversed ranking
+    best = max(itertools.permutations((1, 2, 3)), key=F)
+    assert best == (3, 1, 2)
+    assert filter_distance(*scores_for(best)) == pytest.approx(F(best) / F((3, 2, 1)))
+    assert 1.07 < filter_distance(*scores_for(best)) < 1.08
+    # no permutation of 6 goes beyond the documented ratio
+    assert max(filter_distance(*scores_for(p)) for p in itertools.permutations(range(1, 7))) < 1.079
+
+
+def test_ties_broken_by_filter_index():
+    ref = np.array([2.0, 2.0, 1.0])               # ranking (0, 1, 2)
+    assert filter_distance(ref, np.array([5.0, 5.0, 5.0])) == 0.0     # all tied -> index order
+    swapped = np.array([2.0, 3.0, 1.0])           # ranking (1, 0, 2): the top two swapped
+    assert filter_distance(ref, swapped, normalize=False) == pytest.approx(1.5 * math.log(2))
+    assert filter_distance(np.zeros(8), np.zeros(8)) == 0.0
+    # a pruned ticket: zero scores rank last, by index
+    assert ranking(np.array([0.0, 3.0, 0.0, 1.0])).tolist() == [1, 3, 0, 2]
+
+
+def test_single_filter_and_bad_input():
+    assert filter_distance([1.0], [2.0]) == 0.0
+    assert distance_matrix(np.ones((3, 1))).tolist() == [[0.0] * 3] * 3
+    with pytest.raises(ValueError):
+        filter_distance(np.ones(3), np.ones(4))
+    with pytest.raises(ValueError):
+        filter_distance(np.array([1.0, np.nan]), np.ones(2))
+    with pytest.raises(ValueError):
+        distance_matrix(np.ones(5))
+    with pytest.raises(ValueError):
+        distance_to_reference(np.ones((2, 3)), np.ones(4))
+
+
+def test_distance_matrix_properties():
+    rng = np.random.default_rng(1)
+    h = rng.random((7, 24))
+    d = distance_matrix(h)
+    assert d.shape == (7, 7)
+    assert np.all(np.diag(d) == 0.0)
+    assert np.all(d >= 0.0)
+    for a in range(7):
+        for b in range(7):
+            assert d[a, b] == pytest.approx(filter_distance(h[a], h[b]), abs=1e-12)
+    assert not np.allclose(d, d.T)                 # F is not symmetric: row = reference
+    np.testing.assert_allclose(distance_to_reference(h, h[3]), d[3], atol=1e-12)
+    np.testing.assert_allclose(distance_matrix(h, normalize=False), d * reversed_distance(24), rtol=1e-12)
+
+
+def test_chance_distance_is_the_mean_over_all_rankings():
+    for c in (2, 4, 5):
+        perms = list(itertools.permutations(range(1, c + 1)))
+        mean = sum(F(p) for p in perms) / len(perms)
+        assert chance_distance(c, normalize=False) == pytest.approx(mean, rel=1e-12)
+        assert chance_distance(c) == pytest.approx(mean / F(range(c, 0, -1)), rel=1e-12)
+    assert chance_distance(1) == 0.0
+    assert 0.7 < chance_distance(64) < 0.8
+
+
+# ------------------------------------------------------------------------------------------ CLIs
+def _env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    e["PATH"] = f"{Path(PY).parent}:{e.get('PATH', '')}"
+    return e
+
+
+def _run(args: list, *, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    p = subprocess.run([PY, *map(str, args)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert p.returncode == 0, f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
+    return p
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tools_run")
+    _run(["-m", "loft_hpc.run", "--stage", "pretrain", "data.name=synthetic", "data.synthetic_train_size=256",
+          "data.synthetic_test_size=128", "data.batch_size=32", "model.width=8", "train.duration=4ep",
+          "train.local_steps=4", "output.snapshot_every=8it", "train.eval_every=1ep", "output.snapshot_weights=[2ep]",
+          "train.progress=false", f"output.dir={out}"], timeout=240)
+    assert (out / "pretrain.h5").is_file()
+    return out
+
+
+def _h5_scores(path: Path, group: str, score: str = "l2") -> tuple[np.ndarray, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return np.array(f["snapshots/index"][()]), np.array(f[f"snapshots/scores/{group}/{score}"][()], dtype=np.float64)
+
+
+def _table_rows(stdout: str) -> list[list[str]]:
+    return [ln.split() for ln in stdout.splitlines() if re.match(r"^\s*\d+\s+\d+\s+\d+\.\d+", ln)]
+
+
+def test_filter_distance_cli(run_dir, tmp_path):
+    run = run_dir / "pretrain.h5"
+    out_csv = tmp_path / "fd.csv"
+    p = _run([TOOLS / "filter_distance.py", run, "--csv", out_csv])
+    with h5py.File(run, "r") as f:
+        groups = list(f["snapshots/scores"])
+    idx, _ = _h5_scores(run, groups[0])
+    rows = _table_rows(p.stdout)
+    assert len(rows) == len(idx) >= 3
+    assert [int(r[0]) for r in rows] == idx[:, 0].tolist()
+    assert "random" in p.stdout and "*" in p.stdout        # partitioned groups are marked
+    with open(out_csv) as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == len(idx)
+    assert sorted(k for k in table[0] if k not in ("step", "round", "epoch")) == sorted(groups)
+    for g in groups:
+        _, h = _h5_scores(run, g)
+        want = distance_to_reference(h, h[-1])
+        got = np.array([float(r[g]) for r in table])
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        assert got[-1] == 0.0
+    assert [int(r["step"]) for r in table] == idx[:, 0].tolist()
+
+    # --group / --score / --raw and a reference file: the weight snapshot at epoch 2 (step 16)
+    g = groups[3]
+    ref = run_dir / "snapshots" / "weights@2ep.h5"
+    p = _run([TOOLS / "filter_distance.py", run, "--group", g, "--score", "l1", "--reference", ref])
+    rows = _table_rows(p.stdout)
+    assert len(rows) == len(idx) and all(len(r) == 4 for r in rows)
+    at16 = [float(r[3]) for r in rows if r[0] == "16"]
+    assert at16 == [0.0]                                   # the snapshot of the same weights
+    p = _run([TOOLS / "filter_distance.py", run, "--group", g, "--raw"])
+    _, h = _h5_scores(run, g)
+    np.testing.assert_allclose([float(r[3]) for r in _table_rows(p.stdout)],
+                               distance_to_reference(h, h[-1], normalize=False), atol=1e-4)
+
+    bad = _run([TOOLS / "filter_distance.py", run, "--group", "no.such.group"], check=False)
+    assert bad.returncode == 2 and "no filter group no.such.group" in bad.stderr
+
+
+def test_heatmap_cli(run_dir, tmp_path):
+    run = run_dir / "pretrain.h5"
+    fig, curve = tmp_path / "heat.png", tmp_path / "sub" / "curve.png"
+    p = _run([TOOLS / "heatmap.py", run, "--out", fig, "--curve", curve])
+    # tiny run: 3 of 8 groups partitioned (< 4) -> the 2nd and 4th groups of any kind
+    assert "groups: layer1.1.inner, layer2.1.inner" in p.stdout
+    for f in (fig, curve):
+        data = f.read_bytes()
+        assert len(data) > 5000 and data[:8] == PNG_MAGIC
+        w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        assert w > 300 and h > 300
+    three = tmp_path / "three.png"
+    p = _run([TOOLS / "heatmap.py", run, "--group", "layer2.1.inner", "--group", "layer3.1.inner",
+              "--group", "layer4.1.inner", "--axis", "step", "--out", three])
+    assert three.read_bytes()[:8] == PNG_MAGIC
+    assert int.from_bytes(three.read_bytes()[16:20], "big") > int.from_bytes(fig.read_bytes()[16:20], "big")
+
+
+def test_comm_table_cli(run_dir, tmp_path):
+    run = run_dir / "pretrain.h5"
+    with h5py.File(run, "r") as f:
+        comm = np.array(f["comm"][()])
+    sent = int(comm["allgather_sent"].sum() + comm["allreduce_sent"].sum())
+    recv = int(comm["allgather_received"].sum() + comm["allreduce_received"].sum())
+    assert len(comm) > 0 and sent > 0
+
+    # a copy with three ranks of different traffic, to check the per-rank sums
+    multi = tmp_path / "multi.h5"
+    shutil.copy(run, multi)
+    rows = []
+    for r in comm:
+        for q in range(3):
+            rows.append((r["round"], r["step"], q, r["allgather_sent"] * (q + 1), r["allgather_received"] + q,
+                         r["allreduce_sent"] + 7 * q, r["allreduce_received"] * (q + 2)))
+    with h5py.File(multi, "r+") as f:
+        dt = f["comm"].dtype
+        del f["comm"]
+        f.create_dataset("comm", data=np.array(rows, dtype=dt), maxshape=(None,))
+        f.attrs["world_size"] = 3
+        multi_comm = np.array(f["comm"][()])
+
+    p = _run([TOOLS / "comm_table.py", run, multi, "--per-round"])
+    sections = p.stdout.split("== ")
+    single = next(s for s in sections if s.startswith(str(run)))
+    three = next(s for s in sections if s.startswith(str(multi)))
+
+    def all_line(text):
+        ln = next(ln for ln in text.splitlines() if ln.split()[:1] == ["all"])
+        return [int(x.replace(",", "")) for x in ln.split()[1:4]]
+
+    assert all_line(single) == [sent, recv, sent + recv]
+    assert f"{len(set(comm['round'].tolist()) - {0})}/{len(comm)} rows equal it" in single  # analytic check
+    assert "equal" in single and "DIFFERENT" not in single                              # /metrics agrees
+    ms = int(multi_comm["allgather_sent"].sum() + multi_comm["allreduce_sent"].sum())
+    mr = int(multi_comm["allgather_received"].sum() + multi_comm["allreduce_received"].sum())
+    assert all_line(three) == [ms, mr, ms + mr]
+    for q in range(3):
+        sel = multi_comm[multi_comm["rank"] == q]
+        want = int(sum(sel[k].sum() for k in ("allgather_sent", "allreduce_sent", "allgather_received",
+                                               "allreduce_received")))
+        ln = next(ln for ln in three.splitlines() if ln.split()[:1] == [str(q)] and len(ln.split()) >= 7)
+        assert int(ln.split()[3].replace(",", "")) == want
+    # per-round view: one line per round, cumulative total at the end
+    per_round = [ln.split() for ln in single.splitlines() if re.match(r"^\s+\d+\s+\d+\s+[\d,]+\s+[\d,]+\s+[\d,]+$", ln)]
+    assert len(per_round) == len(set(comm["round"].tolist()))
+    assert int(per_round[-1][-1].replace(",", "")) == sent + recv
+    assert "file" in p.stdout.splitlines()[-3]          # comparison table of the two files
+
+
+def test_comm_table_paper():
+    p = _run([TOOLS / "comm_table.py", "--paper"])
+    rows = [ln for ln in p.stdout.splitlines() if re.search(r"(CIFAR-10|CIFAR-100|ImageNet)\s+[24]\s", ln)]
+    s2 = [ln for ln in rows if re.search(r"(CIFAR-10|CIFAR-100|ImageNet)\s+2\s", ln)]
+    assert len(s2) == 5 and len(rows) >= 10
+    for ln in s2:
+        err_g = float(re.findall(r"([+-]\d+\.\d+)%", ln)[0])
+        assert abs(err_g) < 2.0, ln
+    # GPipe-2 CIFAR: 20 x 50,000 x 2 x 4 x 256*8*8 bytes = 131.07 G (paper 131.88 G)
+    assert "131.07" in s2[0] and "131.88" in s2[0]
