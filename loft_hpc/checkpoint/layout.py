@@ -20,7 +20,8 @@
     /metrics                  compound (N,) growing: step, round, epoch, loss, train_acc,
                               test_loss, test_acc, lr, bytes_sent, bytes_received, wall_time
     /comm                     compound (R*S,) growing: round, step, rank, allgather_sent,
-                              allgather_received, allreduce_sent, allreduce_received (bytes)
+                              allgather_received, allreduce_sent, allreduce_received (bytes),
+                              seconds (wall time this rank spent in those collectives)
     /sparsity                 compound per tensor: name, kept, total (ticket / retrain files)
 
 Group names of filter groups may contain dots; tensor names are state_dict keys (dots kept).
@@ -38,5 +39,5 @@ METRIC_FIELDS = [("step", np.int64), ("round", np.int64), ("epoch", np.float64),
                  ("lr", np.float64), ("bytes_sent", np.int64), ("bytes_received", np.int64),
                  ("wall_time", np.float64)]
 COMM_FIELDS = [("round", np.int64), ("step", np.int64), ("rank", np.int64), ("allgather_sent", np.int64),
-               ("allgather_received", np.int64), ("allreduce_sent", np.int64), ("allreduce_received", np.int64)]
+               ("allgather_received", np.int64), ("allreduce_sent", np.int64), ("allreduce_received", np.int64), ("seconds", np.float64)]
 SPARSITY_FIELDS = [("name", "S256"), ("kept", np.int64), ("total", np.int64)]

@@ -9,6 +9,7 @@ visible to Python and are not claimed):
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -22,10 +23,12 @@ class CommCounter:
     sent: dict = field(default_factory=lambda: defaultdict(int))
     received: dict = field(default_factory=lambda: defaultdict(int))
     calls: dict = field(default_factory=lambda: defaultdict(int))
+    seconds: float = 0.0  # wall time inside counted collectives since the last take()
     total_sent: int = 0
     total_received: int = 0
 
-    def add(self, kind: str, sent: int, received: int) -> None:
+    def add(self, kind: str, sent: int, received: int, seconds: float = 0.0) -> None:
+        self.seconds += seconds
         self.sent[kind] += sent
         self.received[kind] += received
         self.calls[kind] += 1
@@ -39,7 +42,9 @@ class CommCounter:
             out[f"{kind}_sent"] = self.sent[kind]
             out[f"{kind}_received"] = self.received[kind]
             out[f"{kind}_calls"] = self.calls[kind]
+        out["seconds"] = self.seconds
         self.sent.clear(); self.received.clear(); self.calls.clear()
+        self.seconds = 0.0
         return out
 
 
@@ -56,14 +61,16 @@ class Collectives:
 
     def allgather(self, t: torch.Tensor, name: str) -> torch.Tensor:
         t = t.contiguous()
+        t0 = time.perf_counter()
         out = t if self.size == 1 else self._hvd.allgather(t, name=name)
-        self.counter.add("allgather", t.nbytes, out.nbytes - t.nbytes)
+        self.counter.add("allgather", t.nbytes, out.nbytes - t.nbytes, time.perf_counter() - t0)
         return out
 
     def allreduce_mean(self, t: torch.Tensor, name: str) -> torch.Tensor:
         t = t.contiguous()
+        t0 = time.perf_counter()
         out = t.clone() if self.size == 1 else self._hvd.allreduce(t, name=name, op=self._hvd.Average)
-        self.counter.add("allreduce", t.nbytes, out.nbytes)
+        self.counter.add("allreduce", t.nbytes, out.nbytes, time.perf_counter() - t0)
         return out
 
     def allreduce_sum(self, t: torch.Tensor, name: str, count: bool = True) -> torch.Tensor:

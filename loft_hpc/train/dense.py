@@ -2,6 +2,8 @@
 retraining of tickets with their masks enforced after every step."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from loft_hpc.train.engine import RoundTrainer
@@ -47,9 +49,11 @@ class DenseTrainer(RoundTrainer):
             self.opt.zero_grad()
             self.forward_backward(self.model, step)
             if self.dist.size > 1:
+                t0 = time.perf_counter()
                 self.opt.synchronize()  # Horovod: wait for the gradient allreduce
                 # counted as the payload handed to allreduce: every trainable gradient, float32
-                self.coll.counter.add("allreduce", self.grad_bytes, self.grad_bytes)
+                # (the seconds are the wait not hidden behind the backward pass)
+                self.coll.counter.add("allreduce", self.grad_bytes, self.grad_bytes, time.perf_counter() - t0)
             if self.masks:
                 params = dict(self.model.named_parameters())
                 for n, m in self.masks.items():

@@ -8,6 +8,7 @@ Subclasses implement :meth:`train_round` and the momentum accessors.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,17 @@ from loft_hpc.train.signals import EXIT_REQUEUE, StopRequest
 from loft_hpc.train.stream import BatchStream
 from loft_hpc.utils.dist import Dist
 from loft_hpc.utils.log import log
+
+
+def _fault_from_env():
+    """``LOFT_FAULT_INJECT=RANK:ROUND[:STAGE]`` makes that rank raise when it starts that round
+    (of that checkpoint stage, e.g. ``pretrain`` or ``retrain_p50``): the test hook for failure
+    handling (one failing rank must end the whole job, never hang it) and for kill-and-resume."""
+    v = os.environ.get("LOFT_FAULT_INJECT")
+    if not v:
+        return None
+    parts = v.split(":")
+    return int(parts[0]), int(parts[1]), (parts[2] if len(parts) > 2 else None)
 
 
 class StopForRequeue(SystemExit):
@@ -92,6 +104,7 @@ class RoundTrainer:
         self.hist = History()
         self.run_stats = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples since last row
         self.bytes_total = [0, 0]  # this rank's sent / received since the start of the stage
+        self.comm_seconds = 0.0     # this rank's wall time inside counted collectives
 
     # ------------------------------------------------------------------ subclass interface
     def train_round(self, n_steps: int) -> None:
@@ -125,6 +138,9 @@ class RoundTrainer:
         while self.step < self.total:
             prev = self.step
             n = min(self.K, self.total - self.step)
+            fault = _fault_from_env()
+            if fault and fault[:2] == (self.dist.rank, self.round) and fault[2] in (None, self.ckpt_stage):
+                raise RuntimeError(f"injected fault (LOFT_FAULT_INJECT) on rank {self.dist.rank} in round {self.round}")
             self.train_round(n)
             self.step += n
             self.round += 1
@@ -150,8 +166,10 @@ class RoundTrainer:
         if pending and pending[-1]["round"] == self.round:
             for k, v in vals.items():
                 pending[-1][k] += v
+            pending[-1]["seconds"] += c["seconds"]
         elif any(vals.values()):
-            pending.append({"round": self.round, "step": self.step, "rank": self.dist.rank, **vals})
+            pending.append({"round": self.round, "step": self.step, "rank": self.dist.rank, **vals, "seconds": c["seconds"]})
+        self.comm_seconds += c["seconds"]
         self.bytes_total[0] += vals["allgather_sent"] + vals["allreduce_sent"]
         self.bytes_total[1] += vals["allgather_received"] + vals["allreduce_received"]
 
@@ -229,6 +247,7 @@ class RoundTrainer:
             seed=self.cfg.train.seed, model=state,
             progress={"step": self.step, "round": self.round, "epoch": self.step // self.bpe, "total_steps": self.total,
                       "wall_time": self.wall, "bytes_sent": self.bytes_total[0], "bytes_received": self.bytes_total[1],
+                      "comm_seconds": self.comm_seconds,
                       "batches_per_epoch": self.bpe},
             momentum={} if light else {n: t.detach().cpu() for n, t in self.momentum_state().items()},
             rng=[] if light else (rng or []), init={} if light else (self.init or {}),
@@ -289,6 +308,7 @@ class RoundTrainer:
         p = rf.progress
         self.step, self.round, self.wall = int(p["step"]), int(p["round"]), float(p["wall_time"])
         self.bytes_total = [int(p.get("bytes_sent", 0)), int(p.get("bytes_received", 0))]
+        self.comm_seconds = float(p.get("comm_seconds", 0.0))
         if rf.init:
             self.init = rf.init
         if self.dist.rank < len(rf.rng):

@@ -7,7 +7,6 @@ momentum per parameter whose slices travel with the filters (shared momentum ave
 from __future__ import annotations
 
 import hashlib
-import os
 
 import torch
 
@@ -19,19 +18,6 @@ from loft_hpc.train.engine import RoundTrainer
 from loft_hpc.train.optim import get_momentum, make_sgd, set_momentum
 from loft_hpc.train.schedule import set_lr
 from loft_hpc.utils.log import log
-
-
-def _fault_from_env():
-    """``LOFT_FAULT_INJECT=RANK:ROUND`` makes that rank raise in that round: a test hook for the
-    failure path (one failing rank must end the whole job, never hang it)."""
-    v = os.environ.get("LOFT_FAULT_INJECT")
-    if not v:
-        return None
-    r, _, k = v.partition(":")
-    return int(r), int(k)
-
-
-_FAULT = _fault_from_env()
 
 
 class LoftTrainer(RoundTrainer):
@@ -53,8 +39,6 @@ class LoftTrainer(RoundTrainer):
 
     def train_round(self, n_steps: int) -> None:
         t = self.cfg.train
-        if _FAULT and _FAULT == (self.dist.rank, self.round):
-            raise RuntimeError(f"injected fault (LOFT_FAULT_INJECT) on rank {self.dist.rank} in round {self.round}")
         plan = self.plan(self.round)
         keep = plan.keep(self.dist.rank)
         sub = subnetwork(self.model, self.slicer, keep)

@@ -1,0 +1,197 @@
+"""Finding tickets: structured and unstructured masks, IMP, rewinding, retraining with masks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loft_hpc.checkpoint.h5file import read_run_file
+from loft_hpc.config.schema import ModelConfig
+from loft_hpc.models import build_model
+from loft_hpc.partition.slicing import TensorSlicer, subnetwork
+from loft_hpc.prune.masks import MaskError, apply_masks_, sparsity_report, validate_masks
+from loft_hpc.prune.structured import channel_keep, channels_alive, masks_from_channels
+from loft_hpc.prune.unstructured import magnitude_masks
+from tests.mpi_util import TINY, ok, run_job
+
+
+def small(arch="preresnet18", **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, width=kw.pop("width", 8), **kw)
+    return build_model(cfg, num_classes=10, in_channels=3, image_size=16, dataset="synthetic")
+
+
+def scores(state, g):
+    w = state[g.producer].reshape(g.size, -1)
+    return (w * w).sum(1)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.8])
+def test_structured_layerwise_keeps_largest_filters(p):
+    model = small(inner_width_factor=2)
+    groups = model.filter_groups()
+    state = model.state_dict()
+    keep = channel_keep(state, groups, 1 - p, score="l2", scope="layerwise")
+    for g in groups:
+        k = keep[g.name]
+        assert int(k.sum()) == max(1, round((1 - p) * g.size))
+        s = scores(state, g)
+        assert s[k].min() >= s[~k].max()  # the threshold separates kept from pruned
+
+
+def test_structured_mask_equals_smaller_network():
+    """Zeroing a group's pruned channels through the mask computes exactly what the sliced
+    network of the kept channels computes."""
+    model = small(inner_width_factor=2).double().eval()
+    groups = [g for g in model.filter_groups() if g.partitioned]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    keep = channel_keep(model.state_dict(), groups, 0.5, score="l2", scope="layerwise")
+    masks = masks_from_channels(model, groups, keep)
+    validate_masks(masks, model)
+    sub = subnetwork(model, TensorSlicer(groups), {g: torch.nonzero(k).reshape(-1) for g, k in keep.items()})
+    masked = small(inner_width_factor=2).double().eval()
+    masked.load_state_dict(model.state_dict())
+    apply_masks_(masked, masks)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(masked(x), sub(x))
+    # BN running statistics are buffers and are never masked
+    assert all(n in dict(model.named_parameters()) for n in masks)
+
+
+def test_structured_global_and_levels_only_shrink():
+    model = small(inner_width_factor=2)
+    groups = model.filter_groups()
+    state = model.state_dict()
+    prev = None
+    for level in (1, 2, 3):
+        keep_fraction = 0.2 ** (level / 3)
+        alive = channels_alive(prev, groups) if prev else None
+        keep = channel_keep(state, groups, keep_fraction, score="l2", scope="global", alive=alive)
+        masks = masks_from_channels(model, groups, keep)
+        validate_masks(masks, model, previous=prev)
+        assert all(keep[g.name].any() for g in groups)  # never a whole layer
+        total = sum(g.size for g in groups)
+        kept = sum(int(k.sum()) for k in keep.values())
+        assert abs(kept / total - keep_fraction) < 0.05
+        prev = masks
+    # global: one threshold on fan-in-normalised scores
+    norm = {g.name: scores(state, g) / state[g.producer][0].numel() for g in groups}
+    kept_min = min(norm[g][keep[g]].min() for g in keep if keep[g].sum() > 1)
+    pruned = [norm[g][~keep[g]] for g in keep if (~keep[g]).any()]
+    assert kept_min >= max(p.max() for p in pruned)
+
+
+def test_unstructured_layerwise_rates_and_fc_rate():
+    model = small("conv4", width=16)
+    names = model.prunable_weights()
+    kinds = {n: model.layer_kind(n) for n in names}
+    assert {"conv", "fc"} == set(kinds.values())
+    state = model.state_dict()
+    masks = magnitude_masks(state, names, kinds, 0.5, scope="layerwise", conv_rate=0.1, fc_rate=0.2)
+    for n in names:
+        frac = 1 - masks[n].float().mean().item()
+        want = 0.5 if kinds[n] == "conv" else 0.99  # fc: 0.5 x (0.2 / 0.1), capped at 0.99
+        assert abs(frac - want) < 0.01, (n, frac)
+        w = state[n].abs()
+        assert w[masks[n]].min() >= w[~masks[n]].max()
+    dense_fc = magnitude_masks(state, names, kinds, 0.5, scope="layerwise", conv_rate=0.2, fc_rate=0.0)
+    assert all(dense_fc[n].all() for n in names if kinds[n] == "fc")
+
+
+def test_unstructured_global_single_threshold_and_shrinking():
+    model = small("conv2", width=16)
+    names = model.prunable_weights()
+    kinds = {n: model.layer_kind(n) for n in names}
+    state = model.state_dict()
+    m1 = magnitude_masks(state, names, kinds, 0.5, scope="global", conv_rate=0.2, fc_rate=0.2)
+    allw = torch.cat([state[n].abs().reshape(-1) for n in names])
+    allm = torch.cat([m1[n].reshape(-1) for n in names])
+    assert abs(1 - allm.float().mean().item() - 0.5) < 0.01
+    assert allw[allm].min() >= allw[~allm].max()
+    # next level from other weights: survivors only shrink
+    state2 = {n: torch.randn_like(t) for n, t in state.items()}
+    m2 = magnitude_masks(state2, names, kinds, 0.75, scope="global", conv_rate=0.2, fc_rate=0.2, previous=m1)
+    validate_masks(m2, model, previous=m1)
+
+
+def test_validate_masks_rejects_bad_masks():
+    model = small()
+    w = "layer2.1.conv1.weight"
+    p = dict(model.named_parameters())[w]
+    with pytest.raises(MaskError, match="names no parameter"):
+        validate_masks({"nope": torch.ones(1)}, model)
+    with pytest.raises(MaskError, match="has shape"):
+        validate_masks({w: torch.ones(3)}, model)
+    with pytest.raises(MaskError, match="other than 0 and 1"):
+        validate_masks({w: torch.full(p.shape, 2.0)}, model)
+    prev = {w: torch.zeros(p.shape, dtype=torch.bool)}
+    with pytest.raises(MaskError, match="revives"):
+        validate_masks({w: torch.ones(p.shape, dtype=torch.bool)}, model, previous=prev)
+    with pytest.raises(MaskError, match="missing"):
+        validate_masks({}, model, previous=prev)
+    table, overall = sparsity_report({w: torch.zeros(p.shape, dtype=torch.bool)}, model)
+    assert overall == 1.0 and w in table
+
+
+# ---------------------------------------------------------------- the stages end to end
+PIPE = TINY + ["train.duration=24it", "train.local_steps=4", "train.eval_every=12it", "output.checkpoint_every=12it",
+               "output.snapshot_every=4it", "output.snapshot_weights=[8it]", "retrain.duration=12it",
+               "retrain.lr=0.05", "train.check_sync=true"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipe")
+    ok(run_job(2, ["--stage", "pretrain", *PIPE, f"output.dir={out}"]))
+    return out
+
+
+def test_structured_ticket_retrained_with_mask_exactly_zero(pretrained):
+    out = pretrained
+    p = ok(run_job(2, ["--stage", "prune,retrain", *PIPE, "prune.ratios=[0.5]", f"output.dir={out}"]))
+    ticket = read_run_file(out / "tickets_p50.h5")
+    pre = read_run_file(out / "pretrain.h5")
+    for n, m in ticket.masks.items():  # rewind=end: the pretrained weights, masked
+        assert torch.equal(ticket.model[n], pre.model[n] * m)
+    rf = read_run_file(out / "retrain_p50.h5")
+    assert rf.masks.keys() == ticket.masks.keys() and rf.metrics
+    for n, m in rf.masks.items():
+        assert torch.count_nonzero(rf.model[n][~m]) == 0, f"pruned weights of {n} moved"
+        assert not torch.equal(rf.model[n][m], ticket.model[n][m]), f"{n} did not train"
+    kept = sum(r["kept"] for r in rf.sparsity)
+    total = sum(r["total"] for r in rf.sparsity)
+    assert abs(1 - kept / total - 0.5) < 0.02
+    assert "pruned" in p.stdout and "overall" in p.stdout
+
+
+def test_imp_rewind_init_unstructured(pretrained):
+    out = pretrained
+    args = [*PIPE, "prune.method=unstructured", "prune.scope=global", "prune.levels=2", "prune.rewind=init",
+            "prune.ratios=[0.75]", "retrain.duration=6it"]
+    ok(run_job(0, ["--stage", "prune", *args, f"output.dir={out}"]))
+    t = read_run_file(out / "tickets_p75.h5")
+    pre = read_run_file(out / "pretrain.h5")
+    assert t.mask_attrs["levels"] == 2 and (out / "imp" / "tickets_p75_level1.h5").is_file()
+    lvl1 = read_run_file(out / "imp" / "tickets_p75_level1.h5")
+    validate = sum(int(m.sum()) for m in lvl1.masks.values()) / sum(m.numel() for m in lvl1.masks.values())
+    assert abs(validate - 0.5) < 0.02  # level 1 of 2 keeps (1-0.75)^(1/2) = 50%
+    frac = sum(int(m.sum()) for m in t.masks.values()) / sum(m.numel() for m in t.masks.values())
+    assert abs(frac - 0.25) < 0.02
+    for n, m in t.masks.items():
+        assert not (m & ~lvl1.masks[n]).any()  # only shrinks
+        assert torch.equal(t.model[n], pre.init[n] * m)  # rewound to theta_0
+
+
+def test_rewind_to_step_and_snapshot_ticket(pretrained):
+    out = pretrained
+    args = [*PIPE, "prune.rewind=8it", "prune.mask_from=8it", "prune.ratios=[0.5]"]
+    ok(run_job(0, ["--stage", "prune", *args, f"output.dir={out}"]))
+    t = read_run_file(out / "tickets@8it_p50.h5")
+    snap = read_run_file(out / "snapshots" / "weights@8it.h5")
+    assert snap.progress["step"] == 8
+    for n, m in t.masks.items():
+        assert torch.equal(t.model[n], snap.model[n] * m)
+    assert t.mask_attrs["mask_from"] == "8it"
