@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import traceback
 
@@ -125,7 +126,9 @@ def run_stages(cfg, dist, stages, bundle) -> int:
         start_horovod(dist)
         if dist.is_root:
             paths.root.mkdir(parents=True, exist_ok=True)
-            paths.config.write_text(config_to_yaml(cfg))
+            tmp = paths.config.with_name(f".config.yaml.{os.getpid()}")
+            tmp.write_text(config_to_yaml(cfg))
+            os.replace(tmp, paths.config)  # concurrent jobs on one folder (snapshot arrays) never see half a file
         ctx = Context(cfg, dist, Collectives(dist.size), paths, stop, bundle.train, bundle.test)
         log(f"job: stages {','.join(stages)} on {dist.size} rank(s), device {dist.device}, output {paths.root}", rank=dist.rank)
         if "pretrain" in stages:

@@ -49,7 +49,8 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 py="$venv/bin/python"
-pipi() { "$py" -m pip install -q --disable-pip-version-check "$@"; }
+# (the local package mirrors make pip warn once per package about empty index folders: drop those lines)
+pipi() { "$py" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 # Constraints with the torch override applied (a pin may not contradict an explicit request).
 cfile="$venv/.loft-constraints.txt"

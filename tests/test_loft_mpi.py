@@ -213,7 +213,7 @@ def test_bad_value_exits_2_on_every_rank(tmp_path):
     t0 = time.time()
     p = run_job(2, ["--stage", "pretrain", *JOB, "train.local_steps=0", f"output.dir={tmp_path}"], timeout=120)
     assert p.returncode == 2
-    assert p.stderr.count("train.local_steps: 0 must be > 0") == 1, p.stderr
+    assert p.stderr.count("train.local_steps: 0 must be > 0 and finite") == 1, p.stderr
     assert "Traceback" not in p.stderr
     assert time.time() - t0 < 60
 

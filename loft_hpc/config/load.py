@@ -47,14 +47,26 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             raise bad("a number")
         return float(value)
     if isinstance(default, str):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # output.dir=2024
         if not isinstance(value, str):
             raise bad("a string")
         return value
     if isinstance(default, list):
         if not isinstance(value, list):
             raise bad("a list")
-        return list(value)
+        return [_number_or_text(v) for v in value]
     return value
+
+
+def _number_or_text(v):
+    """List items: PyYAML reads 5e-1 as a string; numbers written that way become floats."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
 
 
 def _check_field(key: str, f: dataclasses.Field, value: Any) -> None:
@@ -115,7 +127,9 @@ def config_from_dict(raw: dict | None, overrides: list[str] = ()) -> JobConfig:
         section, key, value = _parse_override(o)
         if section not in SECTIONS:
             raise ConfigError(f"override {o!r}: unknown section {section!r}{_suggest(section, SECTIONS)}")
-        sec = raw.setdefault(section, {})
+        if raw.get(section) is None:  # absent, or an empty "train:" in the YAML file
+            raw[section] = {}
+        sec = raw[section]
         if not isinstance(sec, dict):
             raise ConfigError(f"{section}: expected a mapping of keys, got {sec!r}")
         sec[key] = value
@@ -162,6 +176,12 @@ def _check_cross_fields(job: JobConfig) -> None:
             Step.parse(r)
         except ValueError:
             raise ConfigError(f"prune.rewind: {r!r} is not init, end or a step like '500it'") from None
+    tags = {}
+    for r in job.prune.ratios:
+        tag = round(r * 100)
+        if tag in tags:
+            raise ConfigError(f"prune.ratios: {tags[tag]} and {r} name the same ticket (p{tag:02d}): use ratios that differ by a whole percent")
+        tags[tag] = r
     mf = job.prune.mask_from
     if mf != "end":
         try:

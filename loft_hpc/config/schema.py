@@ -19,7 +19,7 @@ def opt(default, help: str, check=None, choices=None):
     return field(default=default, metadata=meta)
 
 
-POS = (lambda v: v > 0, "must be > 0")
+POS = (lambda v: 0 < v < float("inf"), "must be > 0 and finite")
 NONNEG = (lambda v: v >= 0, "must be >= 0")
 FRACTION = (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
 UNIT = (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")

@@ -10,6 +10,7 @@ LoFT, rank s of S, one sync:
   allgather: sent = 4 shard(s), received = 4 (sum_q shard(q) - shard(s))
   allreduce: sent = received = 4 (numel of shared float tensors + numel of shared params with carry)
 Dense data parallel, one step: allreduce sent = received = 4 x (number of parameters).
+With one rank nothing is communicated: every count is 0.
 GPipe reconstruction (LOFT_SPEC section 6): per sample and stage boundary, the activation goes
 forward and its gradient back: 2 x 4 x boundary activation numel.
 """
@@ -48,6 +49,8 @@ def loft_sync_bytes(model: nn.Module, groups: list[FilterGroup], world: int, ran
     shared_numel = sum(state[n].numel() for n in shared)
     if carry_momentum:
         shared_numel += sum(state[n].numel() for n in shared if n in params)
+    if world == 1:  # a single rank communicates nothing
+        return {"allgather_sent": 0, "allgather_received": 0, "allreduce_sent": 0, "allreduce_received": 0}
     own = shard(rank)
     everyone = sum(shard(q) for q in range(world))
     return {

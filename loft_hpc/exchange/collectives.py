@@ -49,7 +49,8 @@ class CommCounter:
 
 
 class Collectives:
-    """Horovod collectives with byte counting; with one rank they are exact identities."""
+    """Horovod collectives with byte counting; with one rank they are exact identities that
+    move nothing, and count 0 bytes."""
 
     def __init__(self, size: int, counter: CommCounter | None = None) -> None:
         self.size = size
@@ -59,23 +60,26 @@ class Collectives:
 
             self._hvd = hvd
 
+    def _n(self, nbytes: int) -> int:
+        return nbytes if self.size > 1 else 0
+
     def allgather(self, t: torch.Tensor, name: str) -> torch.Tensor:
         t = t.contiguous()
         t0 = time.perf_counter()
         out = t if self.size == 1 else self._hvd.allgather(t, name=name)
-        self.counter.add("allgather", t.nbytes, out.nbytes - t.nbytes, time.perf_counter() - t0)
+        self.counter.add("allgather", self._n(t.nbytes), out.nbytes - t.nbytes, time.perf_counter() - t0)
         return out
 
     def allreduce_mean(self, t: torch.Tensor, name: str) -> torch.Tensor:
         t = t.contiguous()
         t0 = time.perf_counter()
         out = t.clone() if self.size == 1 else self._hvd.allreduce(t, name=name, op=self._hvd.Average)
-        self.counter.add("allreduce", t.nbytes, out.nbytes, time.perf_counter() - t0)
+        self.counter.add("allreduce", self._n(t.nbytes), self._n(out.nbytes), time.perf_counter() - t0)
         return out
 
     def allreduce_sum(self, t: torch.Tensor, name: str, count: bool = True) -> torch.Tensor:
         t = t.contiguous()
         out = t.clone() if self.size == 1 else self._hvd.allreduce(t, name=name, op=self._hvd.Sum)
         if count:
-            self.counter.add("allreduce", t.nbytes, out.nbytes)
+            self.counter.add("allreduce", self._n(t.nbytes), self._n(out.nbytes))
         return out
