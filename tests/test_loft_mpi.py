@@ -3,6 +3,7 @@ synchronisation, exact byte accounting, failure handling."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +224,24 @@ def test_group_smaller_than_world_is_a_config_error(tmp_path):
                     f"output.dir={tmp_path}"], timeout=120)
     assert p.returncode == 2
     assert "fewer than the 4 ranks" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_runs_under_horovodrun(tmp_path):
+    import shutil
+
+    from tests.mpi_util import PY
+
+    hvdrun = shutil.which("horovodrun", path=str(Path(PY).parent))
+    if hvdrun is None:
+        pytest.skip("horovodrun is not installed (set-up builds horovod)")
+    env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    import os
+    import subprocess
+
+    e = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    e["PATH"] = f"{Path(PY).parent}:{e['PATH']}"
+    p = subprocess.run([hvdrun, "-np", "2", "-H", "localhost:2", PY, "-m", "loft_hpc.run", "--stage", "pretrain", *JOB,
+                        "train.duration=8it", f"output.dir={tmp_path}"], capture_output=True, text=True, env=e,
+                       timeout=240, cwd=Path(__file__).resolve().parent.parent)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert read_run_file(tmp_path / "pretrain.h5").world_size == 2

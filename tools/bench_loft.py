@@ -92,15 +92,25 @@ def flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     return total[0]
 
 
-def step_time(model: torch.nn.Module, x, y, reps: int) -> float:
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    model.train()
-    for _ in range(3):  # warm-up
-        opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
+def _train_steps(model, opt, x, y, n: int) -> float:
     t0 = time.perf_counter()
-    for _ in range(reps):
+    for _ in range(n):
         opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
-    return (time.perf_counter() - t0) / reps
+    return (time.perf_counter() - t0) / n
+
+
+def step_times(full: torch.nn.Module, sub: torch.nn.Module, x, y, reps: int, blocks: int = 5) -> tuple[float, float]:
+    """Seconds per training step of both networks: alternating blocks of ``reps`` steps, the
+    fastest block of each (robust against other load on the machine)."""
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (full, sub)]
+    for m, o in zip((full, sub), opts):
+        m.train()
+        _train_steps(m, o, x, y, 3)  # warm-up
+    best = [float("inf"), float("inf")]
+    for _ in range(blocks):
+        for i, (m, o) in enumerate(zip((full, sub), opts)):
+            best[i] = min(best[i], _train_steps(m, o, x, y, reps))
+    return best[0], best[1]
 
 
 def local_step_ratio(cfg, world: int, reps: int) -> dict:
@@ -113,7 +123,7 @@ def local_step_ratio(cfg, world: int, reps: int) -> dict:
     b = cfg.data.batch_size
     x = torch.stack([bundle.train[i][0] for i in range(b)])
     y = torch.tensor([bundle.train[i][1] for i in range(b)])
-    t_full, t_sub = step_time(model, x, y, reps), step_time(sub, x, y, reps)
+    t_full, t_sub = step_times(model, sub, x, y, reps)
     f_full, f_sub = flops(model, x[:1]), flops(sub, x[:1])
     p_full = sum(p.numel() for p in model.parameters())
     p_sub = sum(p.numel() for p in sub.parameters())
