@@ -102,7 +102,9 @@ class RoundTrainer:
         self.round = 0
         self.wall = 0.0
         self.hist = History()
-        self.run_stats = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples since last row
+        # loss sum, correct, samples since the last row; kept on the device (no sync per step)
+        self.run_stats = torch.zeros(3, dtype=torch.float64, device=self.dist.device)
+        self._fault = _fault_from_env()
         self.bytes_total = [0, 0]  # this rank's sent / received since the start of the stage
         self.comm_seconds = 0.0     # this rank's wall time inside counted collectives
 
@@ -123,8 +125,8 @@ class RoundTrainer:
         loss = F.cross_entropy(out, y)
         loss.backward()
         with torch.no_grad():
-            self.run_stats += torch.tensor([loss.item() * y.numel(), (out.argmax(1) == y).sum().item(), y.numel()],
-                                           dtype=torch.float64)
+            self.run_stats += torch.stack([loss.detach().double() * y.numel(), (out.argmax(1) == y).sum().double(),
+                                           torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)])
         return loss
 
     # ------------------------------------------------------------------ driver
@@ -138,7 +140,7 @@ class RoundTrainer:
         while self.step < self.total:
             prev = self.step
             n = min(self.K, self.total - self.step)
-            fault = _fault_from_env()
+            fault = self._fault
             if fault and fault[:2] == (self.dist.rank, self.round) and fault[2] in (None, self.ckpt_stage):
                 raise RuntimeError(f"injected fault (LOFT_FAULT_INJECT) on rank {self.dist.rank} in round {self.round}")
             self.train_round(n)
@@ -191,7 +193,7 @@ class RoundTrainer:
         if crossed(prev, self.step, self.every["eval"]) or last:
             self._eval_row()
         elif crossed(prev, self.step, self.every["log"]) and self.dist.is_root:
-            loss, correct, count = self.run_stats.tolist()
+            loss, correct, count = self.run_stats.cpu().tolist()
             log(f"{self.ckpt_stage} step {self.step}/{self.total} round {self.round} rank-0 loss "
                 f"{loss / max(count, 1):.4f} acc {correct / max(count, 1):.4f} lr {self.lr_fn(self.step - 1):.4g}")
         stop = self.dist.any_flag(self.ctx.stop.received is not None)  # collective: every round
@@ -210,7 +212,7 @@ class RoundTrainer:
         ev = evaluate(self.model, self.ctx.test_set, rank=self.dist.rank, world=self.dist.size,
                       batch_size=self.cfg.data.eval_batch_size, device=self.dist.device, coll=self.coll,
                       num_workers=self.cfg.data.num_workers)
-        stats = torch.cat([self.run_stats, torch.tensor(self.bytes_total, dtype=torch.float64)])
+        stats = torch.cat([self.run_stats.cpu(), torch.tensor(self.bytes_total, dtype=torch.float64)])
         stats = self.coll.allreduce_sum(stats, name=f"stats.{self.ckpt_stage}.{self.step}", count=False)
         loss, correct, count, sent, recv = stats.tolist()
         self.run_stats.zero_()
