@@ -67,14 +67,14 @@ class ShardExchange:
         device = next(iter(fstate.values())).device
         # -- partitioned slices: one allgather  [shard layout: see module docstring]
         parts = []
-        for kind, n in self.shard_tensors(keep):
+        for kind, n in self.shard_tensors(keep):  # shard layout: sorted tensor names, weights then momentum
             src = sstate[n] if kind == "w" else sub_mom[n]
             parts.append(src.detach().reshape(-1).float())
         mine = torch.cat(parts) if parts else torch.zeros(0, device=device)
         gathered = self.coll.allgather(mine, name=f"loft.shards.r{round_}")  # collective order: 1st
         offset = 0
         with torch.no_grad():
-            for s in range(plan.world):
+            for s in range(plan.world):  # shard layout: rank s's part follows those of ranks 0..s-1
                 keep_s = plan.keep(s)
                 for kind, n in self.shard_tensors(keep_s):
                     dst = fstate[n] if kind == "w" else full_mom[n]
@@ -85,7 +85,7 @@ class ShardExchange:
                     offset += k
         assert offset == gathered.numel(), "shard layout mismatch between ranks"
         # -- shared tensors and shared momentum: one averaged allreduce
-        parts = [sstate[n].detach().reshape(-1).float() for n in self.shared]
+        parts = [sstate[n].detach().reshape(-1).float() for n in self.shared]  # shard layout: state_dict order
         if self.carry:
             parts += [sub_mom[n].reshape(-1).float() for n in self.shared_params]
         if parts:

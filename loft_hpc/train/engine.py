@@ -213,7 +213,7 @@ class RoundTrainer:
                       batch_size=self.cfg.data.eval_batch_size, device=self.dist.device, coll=self.coll,
                       num_workers=self.cfg.data.num_workers)
         stats = torch.cat([self.run_stats.cpu(), torch.tensor(self.bytes_total, dtype=torch.float64)])
-        stats = self.coll.allreduce_sum(stats, name=f"stats.{self.ckpt_stage}.{self.step}", count=False)
+        stats = self.coll.allreduce_sum(stats, name=f"stats.{self.ckpt_stage}.{self.step}", count=False)  # collective order: after eval
         loss, correct, count, sent, recv = stats.tolist()
         self.run_stats.zero_()
         row = {"step": self.step, "round": self.round, "epoch": self.step / self.bpe,
@@ -261,8 +261,8 @@ class RoundTrainer:
     def _gather_to_root(self):
         """Per-rank RNG states and pending comm rows to rank 0 (mpi4py control messages)."""
         self._record_comm()
-        rngs = self.dist.comm.gather(rng_state(), root=0)
-        rows = self.dist.comm.gather(self.hist.pending_comm, root=0)
+        rngs = self.dist.comm.gather(rng_state(), root=0)  # collective order: at every checkpoint, all ranks
+        rows = self.dist.comm.gather(self.hist.pending_comm, root=0)  # collective order: right after
         self.hist.pending_comm = []
         if self.dist.is_root:
             merged = [r for per in rows for r in per]

@@ -29,7 +29,7 @@ def evaluate(model, dataset, *, rank: int, world: int, batch_size: int, device, 
         sums[2] += y.numel()
     model.train(was_training)
     # control message, not model exchange: not counted in the communication log
-    sums = coll.allreduce_sum(sums, name="eval.sums", count=False)
+    sums = coll.allreduce_sum(sums, name="eval.sums", count=False)  # collective order: every rank evaluates
     loss, correct, count = sums.tolist()
     if int(count) != n:
         raise RuntimeError(f"evaluation counted {int(count)} samples, the test set has {n}")
