@@ -225,3 +225,19 @@ def test_killed_retraining_resumes_exactly(pretrained, tmp_path):
         assert torch.equal(a.momentum[n], b.momentum[n])
     for n, m in b.masks.items():
         assert torch.count_nonzero(b.model[n][~m]) == 0
+
+
+def test_stage_all_ends_with_the_summary_table(pretrained):
+    """Stage all on a folder: finished stages skip themselves, the summary covers every ticket."""
+    out = pretrained
+    p = ok(run_job(2, ["--stage", "all", *PIPE, "prune.ratios=[0.5,0.7]", f"output.dir={out}"]))
+    assert "pretrain:" in p.stdout and "exists, skipping" in p.stdout
+    table = (out / "summary.txt").read_text()
+    assert table in p.stdout.replace("\r", "")
+    lines = table.splitlines()
+    assert lines[2].startswith("pretrained LoFT-2 (unpruned)")
+    acc = {ln.split()[1]: float(ln.split()[3]) for ln in lines if ln.startswith("ticket")}
+    assert set(acc) == {"50%", "70%"} and all(0.0 <= a <= 1.0 for a in acc.values())
+    for r in (50, 70):  # per-group rounding of round((1-p) C) kept filters: within 2 points of p
+        pruned = float(next(ln for ln in lines if ln.startswith(f"ticket {r}%")).split()[4].rstrip("%"))
+        assert abs(pruned - r) < 2.0
