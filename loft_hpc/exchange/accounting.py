@@ -27,6 +27,8 @@ FLOAT_BYTES = 4
 
 
 def loft_sync_bytes(model: nn.Module, groups: list[FilterGroup], world: int, rank: int, carry_momentum: bool) -> dict:
+    if world == 1:  # a single rank communicates nothing
+        return {"allgather_sent": 0, "allgather_received": 0, "allreduce_sent": 0, "allreduce_received": 0}
     state = model.state_dict()
     params = {n for n, _ in model.named_parameters()}
     dims: dict[str, list[tuple[int, int, int]]] = {}
@@ -49,8 +51,6 @@ def loft_sync_bytes(model: nn.Module, groups: list[FilterGroup], world: int, ran
     shared_numel = sum(state[n].numel() for n in shared)
     if carry_momentum:
         shared_numel += sum(state[n].numel() for n in shared if n in params)
-    if world == 1:  # a single rank communicates nothing
-        return {"allgather_sent": 0, "allgather_received": 0, "allreduce_sent": 0, "allreduce_received": 0}
     own = shard(rank)
     everyone = sum(shard(q) for q in range(world))
     return {

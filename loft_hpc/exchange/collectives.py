@@ -60,26 +60,30 @@ class Collectives:
 
             self._hvd = hvd
 
-    def _n(self, nbytes: int) -> int:
-        return nbytes if self.size > 1 else 0
+    def _count(self, kind: str, sent: int, received: int, t0: float | None = None) -> None:
+        """Record one collective; a single rank moves nothing, so it counts 0 bytes."""
+        if self.size == 1:
+            sent = received = 0
+        self.counter.add(kind, sent, received, time.perf_counter() - t0 if t0 is not None else 0.0)
 
     def allgather(self, t: torch.Tensor, name: str) -> torch.Tensor:
         t = t.contiguous()
         t0 = time.perf_counter()
         out = t if self.size == 1 else self._hvd.allgather(t, name=name)
-        self.counter.add("allgather", self._n(t.nbytes), out.nbytes - t.nbytes, time.perf_counter() - t0)
+        self._count("allgather", t.nbytes, out.nbytes - t.nbytes, t0)
         return out
 
     def allreduce_mean(self, t: torch.Tensor, name: str) -> torch.Tensor:
         t = t.contiguous()
         t0 = time.perf_counter()
         out = t.clone() if self.size == 1 else self._hvd.allreduce(t, name=name, op=self._hvd.Average)
-        self.counter.add("allreduce", self._n(t.nbytes), self._n(out.nbytes), time.perf_counter() - t0)
+        self._count("allreduce", t.nbytes, out.nbytes, t0)
         return out
 
     def allreduce_sum(self, t: torch.Tensor, name: str, count: bool = True) -> torch.Tensor:
         t = t.contiguous()
+        t0 = time.perf_counter()
         out = t.clone() if self.size == 1 else self._hvd.allreduce(t, name=name, op=self._hvd.Sum)
         if count:
-            self.counter.add("allreduce", self._n(t.nbytes), self._n(out.nbytes))
+            self._count("allreduce", t.nbytes, out.nbytes, t0)
         return out
