@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -39,3 +40,15 @@ def run_job(np: int, args: list[str], *, timeout: float = 240, env: dict | None 
 def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert p.returncode == 0, f"exit {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}"
     return p
+
+
+def assert_same_run(a, b) -> None:
+    """Two RunFiles of the same job (e.g. uninterrupted and killed-then-resumed) are identical:
+    weights and momentum bit for bit, and the same metric, communication and snapshot history."""
+    for n in a.model:
+        assert torch.equal(a.model[n], b.model[n]), f"{n} differs after resume"
+    for n in a.momentum:
+        assert torch.equal(a.momentum[n], b.momentum[n]), f"momentum of {n} differs after resume"
+    assert [m["step"] for m in a.metrics] == [m["step"] for m in b.metrics]
+    assert [(r["round"], r["rank"]) for r in a.comm] == [(r["round"], r["rank"]) for r in b.comm]
+    assert a.snap_index == b.snap_index

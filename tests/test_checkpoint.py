@@ -16,7 +16,7 @@ from loft_hpc.checkpoint.h5file import (CheckpointError, RunFile, check_model_st
                                         write_run_file)
 from loft_hpc.checkpoint.layout import FORMAT_VERSION
 from loft_hpc.checkpoint.paths import RunPaths
-from tests.mpi_util import PY, REPO, TINY, ok, run_job
+from tests.mpi_util import PY, REPO, TINY, assert_same_run, ok, run_job
 
 
 def sample_runfile() -> RunFile:
@@ -124,16 +124,6 @@ def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     ok(run_job(2, ["--stage", "pretrain", *RESUME, f"output.dir={out}"]))
     return read_run_file(out / "pretrain.h5")
-
-
-def assert_same_run(a: RunFile, b: RunFile) -> None:
-    for n in a.model:
-        assert torch.equal(a.model[n], b.model[n]), f"{n} differs after resume"
-    for n in a.momentum:
-        assert torch.equal(a.momentum[n], b.momentum[n]), f"momentum of {n} differs after resume"
-    assert [m["step"] for m in a.metrics] == [m["step"] for m in b.metrics]
-    assert [(r["round"], r["rank"]) for r in a.comm] == [(r["round"], r["rank"]) for r in b.comm]
-    assert a.snap_index == b.snap_index
 
 
 def test_killed_and_resumed_equals_uninterrupted(tmp_path, uninterrupted):

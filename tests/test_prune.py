@@ -11,7 +11,7 @@ from loft_hpc.partition.slicing import TensorSlicer, subnetwork
 from loft_hpc.prune.masks import MaskError, apply_masks_, sparsity_report, validate_masks
 from loft_hpc.prune.structured import channel_keep, channels_alive, masks_from_channels
 from loft_hpc.prune.unstructured import magnitude_masks
-from tests.mpi_util import TINY, ok, run_job
+from tests.mpi_util import TINY, assert_same_run, ok, run_job
 
 
 def small(arch="preresnet18", **kw):
@@ -219,10 +219,7 @@ def test_killed_retraining_resumes_exactly(pretrained, tmp_path):
             assert "resumed from" in p.stdout and "at step 4/12" in p.stdout
         runs[name] = read_run_file(d / "retrain_p60.h5")
     a, b = runs["straight"], runs["killed"]
-    for n in a.model:
-        assert torch.equal(a.model[n], b.model[n]), f"{n} differs after resume"
-    for n in a.momentum:
-        assert torch.equal(a.momentum[n], b.momentum[n])
+    assert_same_run(a, b)
     for n, m in b.masks.items():
         assert torch.count_nonzero(b.model[n][~m]) == 0
 

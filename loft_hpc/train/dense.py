@@ -26,14 +26,20 @@ class DenseTrainer(RoundTrainer):
 
             # Horovod: gradients averaged across ranks; named so every rank's collectives match.
             self.opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(), op=hvd.Average)
-            hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-            nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-            self.coll.counter.add("broadcast", nbytes if self.dist.is_root else 0, 0 if self.dist.is_root else nbytes)
         else:
             self.opt = base
         if self.masks:
             self.masks = {n: m.to(self.dist.device) for n, m in self.masks.items()}
             self.apply_masks()
+
+    def on_fresh_start(self) -> None:
+        if self.dist.size > 1:
+            import horovod.torch as hvd
+
+            # Horovod: every rank starts from rank 0's parameters (a resumed job loads one checkpoint instead)
+            hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+            nbytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+            self.coll.counter.add("broadcast", nbytes if self.dist.is_root else 0, 0 if self.dist.is_root else nbytes)
 
     @torch.no_grad()
     def apply_masks(self) -> None:

@@ -118,6 +118,9 @@ class RoundTrainer:
     def load_momentum(self, momentum: dict[str, torch.Tensor]) -> None:
         pass
 
+    def on_fresh_start(self) -> None:
+        """Hook: run once when the stage starts from scratch (not on resume), before step 0."""
+
     # ------------------------------------------------------------------ helpers for subclasses
     def forward_backward(self, net: torch.nn.Module, step: int):
         x, y = self.stream.batch(step)
@@ -133,6 +136,7 @@ class RoundTrainer:
     def run(self) -> None:
         resumed = self._maybe_resume()
         if not resumed:
+            self.on_fresh_start()
             self._snapshot()
         self._record_comm()  # round 0: what moved before training (the dense initial broadcast)
         t0 = time.time() - self.wall
