@@ -15,6 +15,7 @@ if [ "$np" -gt "$cores" ]; then
   extra+=(--oversubscribe)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi
+# (SLURM jobs get the same check from slurm/common.sh, loft_stall_check: 60 s / 600 s there.)
 export HOROVOD_STALL_CHECK_TIME_SECONDS="${HOROVOD_STALL_CHECK_TIME_SECONDS:-60}"
 export HOROVOD_STALL_SHUTDOWN_TIME_SECONDS="${HOROVOD_STALL_SHUTDOWN_TIME_SECONDS:-120}"
 env_args=(-x OMP_NUM_THREADS -x HOROVOD_STALL_CHECK_TIME_SECONDS -x HOROVOD_STALL_SHUTDOWN_TIME_SECONDS -x PATH)

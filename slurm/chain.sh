@@ -3,8 +3,11 @@
 #   pretrain                                         (slurm/pretrain.sh)
 #   prune    --dependency=afterok:<pretrain> --kill-on-invalid-dep=yes   (slurm/prune.sh)
 #   retrain  --dependency=afterok:<prune>    --kill-on-invalid-dep=yes   (slurm/retrain.sh)
-# and, when LOFT_SNAPSHOTS is set ("1ep 2ep 5ep end"), a fourth id: the job array
-# slurm/retrain_snapshots_array.sh (one task per snapshot, afterok:<pretrain>).
+# and, when LOFT_SNAPSHOTS is set ("1ep 2ep 5ep"), a fourth id: the job array
+# slurm/retrain_snapshots_array.sh (one task per snapshot, afterok:<pretrain>).  Each task writes
+# only its own files (tickets@<step>_pNN.h5, retrain@<step>_pNN.h5); the end-of-pretraining
+# ticket is the prune/retrain jobs' work, so "end" (or a step listed twice) is refused (exit 2)
+# before anything is submitted.
 # A failed stage cancels the stages after it; a stage stopped by a signal requeues itself.
 #
 # Usage (from anywhere; run with bash, not sbatch):
@@ -14,7 +17,8 @@
 #   LOFT_OUT         output folder for every stage (-> output.dir=..., made absolute)
 #   LOFT_DATA        data folder (-> data.root=...)
 #   LOFT_OVERRIDES   "section.key=value ..." for every stage; LOFT_{PRETRAIN,PRUNE,RETRAIN}_OVERRIDES
-#   LOFT_NP          ranks of pretraining and retraining (default 4);  LOFT_PRUNE_NP (default 1)
+#   LOFT_NP          ranks of pretraining and retraining (default 4);  LOFT_PRUNE_NP (default 1;
+#                    with prune.levels > 1 the prune job gets the retrain job's ranks and time)
 #   LOFT_NODES, LOFT_NTASKS_PER_NODE, LOFT_CPUS_PER_TASK, LOFT_GPUS_PER_NODE, LOFT_MEM
 #   LOFT_PARTITION, LOFT_{PRETRAIN,PRUNE,RETRAIN,SNAPSHOTS}_PARTITION, LOFT_ACCOUNT
 #   LOFT_{PRETRAIN,PRUNE,RETRAIN,SNAPSHOTS}_TIME   time limits (defaults: the scripts' headers)
@@ -22,6 +26,8 @@
 #                    for more ranks than cores on one small machine)
 #   LOFT_LOG_DIR     job logs go to $LOFT_LOG_DIR/<job name>-<job id>.out
 #   LOFT_LAUNCHER, LOFT_OVERSUBSCRIBE, LOFT_VENV ...  read by the jobs (see slurm/common.sh)
+#   HOROVOD_STALL_CHECK_TIME_SECONDS, HOROVOD_STALL_SHUTDOWN_TIME_SECONDS  stall check of the ranks
+#                    (defaults 60 / 600 s: a stuck collective fails the job after 10 minutes)
 set -euo pipefail
 # shellcheck source=slurm/common.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
@@ -30,6 +36,10 @@ command -v sbatch >/dev/null || loft_die 1 "sbatch not found: run this on a SLUR
 loft_resolve_paths
 : "${LOFT_NP:=4}"
 export LOFT_NP
+if [ -n "${LOFT_SNAPSHOTS:-}" ]; then
+  loft_split snaps "$LOFT_SNAPSHOTS"
+  loft_check_snapshots "${snaps[@]}" || exit 2
+fi
 
 loft_shape_args pretrain
 pretrain_job="$(LOFT_SUBMIT_FOLLOWUPS=0 loft_sbatch "${LOFT_SHAPE[@]}" "$LOFT_REPO/slurm/pretrain.sh")" ||
@@ -41,8 +51,6 @@ loft_submit_followups "$pretrain_job" >/dev/null ||
 printf '%s\n' "$pretrain_job" "$LOFT_PRUNE_JOB" "$LOFT_RETRAIN_JOB"
 
 if [ -n "${LOFT_SNAPSHOTS:-}" ]; then
-  loft_split snaps "$LOFT_SNAPSHOTS"
-  [ "${#snaps[@]}" -gt 0 ] || loft_die 2 "LOFT_SNAPSHOTS is empty"
   export LOFT_SNAPSHOTS
   loft_shape_args snapshots
   snap_job="$(loft_sbatch "${LOFT_SHAPE[@]}" --array="0-$((${#snaps[@]} - 1))" \

@@ -3,9 +3,10 @@
 #
 # A job script finds this file (SLURM runs a *copy* of the script from its spool folder) with:
 #   for _d in "${LOFT_REPO:-}" "$(dirname "$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null |
-#       sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")/.." "${SLURM_SUBMIT_DIR:-.}" "$(dirname "$0")/.."; do
+#       sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)")/.." "${SLURM_SUBMIT_DIR:-.}" "$(dirname "$0")/.."; do
 #     [ -f "$_d/slurm/common.sh" ] && break; done
 #   source "$_d/slurm/common.sh"
+# (head -n 1: for the array task that carries the array's own job id, scontrol shows every task.)
 #
 # Environment read here (all optional; see slurm/README.md):
 #   LOFT_VENV            virtual environment to activate        (default <repo>/.venv)
@@ -16,6 +17,10 @@
 #   LOFT_<STAGE>_OVERRIDES  extra overrides for PRETRAIN, PRUNE or RETRAIN only
 #   LOFT_LAUNCHER        mpirun (default) | srun | none | any launcher taking "-np N CMD..."
 #   LOFT_LAUNCHER_ARGS   extra launcher arguments;  LOFT_SRUN_MPI (default pmix)
+#   HOROVOD_STALL_CHECK_TIME_SECONDS (default 60), HOROVOD_STALL_SHUTDOWN_TIME_SECONDS (default
+#                        600): Horovod's stall check, exported to every rank by the launcher:
+#                        a collective that some ranks entered and others did not for the
+#                        shutdown time ends the job (0 = warn only)
 #   LOFT_OVERSUBSCRIBE=1 mpirun --oversubscribe (more ranks than cores); LOFT_MPI_BIND (default none)
 #   LOFT_OMP_THREADS     OMP_NUM_THREADS per rank               (default $SLURM_CPUS_PER_TASK or 1)
 #   LOFT_REQUEUE=0       on exit code 3 exit 3 instead of "scontrol requeue" + exit 0
@@ -74,9 +79,36 @@ loft_activate() {
   export MKL_NUM_THREADS="$OMP_NUM_THREADS"
 }
 
-# loft_launcher_cmd NP: fill array LOFT_LAUNCH_CMD with the command that starts NP ranks.
+# loft_stall_check: export Horovod's stall check for the ranks (scripts/mpirun.sh does the same
+# outside SLURM).  A collective that some ranks entered while others never do (a dead or stuck
+# rank, a rank on another code path) would otherwise hold the whole allocation until the time
+# limit; with these Horovod warns after HOROVOD_STALL_CHECK_TIME_SECONDS and shuts down after
+# HOROVOD_STALL_SHUTDOWN_TIME_SECONDS: every rank gets an error and the job fails (exit 1),
+# which cancels its afterok dependents.  Set either on the sbatch command line to change it;
+# HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=0 only warns.  Values must be whole seconds.
+loft_stall_check() {
+  local v shutdown="${HOROVOD_STALL_SHUTDOWN_TIME_SECONDS:-600}" check
+  check="${HOROVOD_STALL_CHECK_TIME_SECONDS:-60}"
+  for v in "$check" "$shutdown"; do
+    case "$v" in
+      ''|*[!0-9]*) loft_die 2 "HOROVOD_STALL_CHECK_TIME_SECONDS / HOROVOD_STALL_SHUTDOWN_TIME_SECONDS:" \
+                              "expected whole seconds, got '$v'" ;;
+    esac
+  done
+  # Horovod checks for a stall every check interval: a shutdown time below the default check
+  # time would only act at the next check, so the default check time follows it down.
+  if [ -z "${HOROVOD_STALL_CHECK_TIME_SECONDS:-}" ] && [ "$shutdown" -gt 0 ] && [ "$shutdown" -lt "$check" ]; then
+    check="$shutdown"
+  fi
+  export HOROVOD_STALL_CHECK_TIME_SECONDS="$check" HOROVOD_STALL_SHUTDOWN_TIME_SECONDS="$shutdown"
+}
+
+# loft_launcher_cmd NP: fill array LOFT_LAUNCH_CMD with the command that starts NP ranks (and
+# export the stall check, which every launcher hands to the ranks: mpirun with -x, srun and
+# other launchers with the environment).
 loft_launcher_cmd() {
   local np="$1" extra=() v
+  loft_stall_check
   loft_split extra "${LOFT_LAUNCHER_ARGS:-}"
   case "${LOFT_LAUNCHER:-mpirun}" in
     mpirun)
@@ -85,7 +117,8 @@ loft_launcher_cmd() {
       if [ "${LOFT_OVERSUBSCRIBE:-0}" = 1 ]; then LOFT_LAUNCH_CMD+=(--oversubscribe); fi
       # Open MPI binds each rank to one core by default: that starves data-loader workers.
       LOFT_LAUNCH_CMD+=(--bind-to "${LOFT_MPI_BIND:-none}")
-      for v in OMP_NUM_THREADS MKL_NUM_THREADS PATH LD_LIBRARY_PATH VIRTUAL_ENV PYTHONPATH; do
+      for v in OMP_NUM_THREADS MKL_NUM_THREADS PATH LD_LIBRARY_PATH VIRTUAL_ENV PYTHONPATH \
+               HOROVOD_STALL_CHECK_TIME_SECONDS HOROVOD_STALL_SHUTDOWN_TIME_SECONDS; do
         if [ -n "${!v:-}" ]; then LOFT_LAUNCH_CMD+=(-x "$v"); fi
       done ;;
     srun)
@@ -103,20 +136,28 @@ loft_launcher_cmd() {
   LOFT_LAUNCH_CMD+=("${extra[@]}")
 }
 
-# loft_stage_cmd STAGE [OVERRIDE...]: fill array LOFT_STAGE_CMD with the python command line.
-# Later overrides win: output.dir / data.root, LOFT_OVERRIDES, LOFT_<STAGE>_OVERRIDES, arguments.
-loft_stage_cmd() {
-  local stage="$1" ov=() part=() s var
-  shift
-  if [ -n "${LOFT_OUT:-}" ]; then ov+=("output.dir=$LOFT_OUT"); fi
-  if [ -n "${LOFT_DATA:-}" ]; then ov+=("data.root=$LOFT_DATA"); fi
-  loft_split part "${LOFT_OVERRIDES:-}"; ov+=("${part[@]}")
+# loft_stage_overrides STAGE: fill array LOFT_STAGE_OVERRIDES with the overrides of STAGE (a
+# comma list).  Later ones win: output.dir / data.root, LOFT_OVERRIDES, LOFT_<STAGE>_OVERRIDES.
+loft_stage_overrides() {
+  local stage="$1" part=() s var
+  LOFT_STAGE_OVERRIDES=()
+  if [ -n "${LOFT_OUT:-}" ]; then LOFT_STAGE_OVERRIDES+=("output.dir=$LOFT_OUT"); fi
+  if [ -n "${LOFT_DATA:-}" ]; then LOFT_STAGE_OVERRIDES+=("data.root=$LOFT_DATA"); fi
+  loft_split part "${LOFT_OVERRIDES:-}"; LOFT_STAGE_OVERRIDES+=("${part[@]}")
   for s in ${stage//,/ }; do
     var="LOFT_$(printf '%s' "$s" | tr '[:lower:]' '[:upper:]')_OVERRIDES"
-    loft_split part "${!var:-}"; ov+=("${part[@]}")
+    loft_split part "${!var:-}"; LOFT_STAGE_OVERRIDES+=("${part[@]}")
   done
+}
+
+# loft_stage_cmd STAGE [OVERRIDE...]: fill array LOFT_STAGE_CMD with the python command line
+# (the overrides of loft_stage_overrides, then the arguments: later ones win).
+loft_stage_cmd() {
+  local stage="$1"
+  shift
+  loft_stage_overrides "$stage"
   LOFT_STAGE_CMD=("${LOFT_PYTHON:-python}" -m loft_hpc.run --config "$LOFT_CONFIG" --stage "$stage"
-                  "${ov[@]}" "$@")
+                  "${LOFT_STAGE_OVERRIDES[@]}" "$@")
 }
 
 # ---------------------------------------------------------------- signals and requeue
@@ -209,6 +250,31 @@ loft_pretrain_job() {
   exit "$rc"
 }
 
+# loft_check_snapshots STEP...: the steps of a snapshot array (LOFT_SNAPSHOTS).  A task for step
+# S runs prune,retrain with prune.mask_from=S and writes only its own files: tickets@S_pNN.h5,
+# retrain@S_pNN.h5, ckpt/retrain@S_pNN/, imp/tickets@S_pNN_level<k>.h5.  "end" is refused: the
+# ticket of the end of pretraining (tickets_pNN.h5, retrain_pNN.h5, ckpt/retrain_pNN/) is the
+# main chain's prune and retrain jobs' work, and a task writing them would race with those jobs
+# on the same files.  A step listed twice would make two tasks write the same files: refused too.
+# Returns 2 (a configuration error) with one line naming the step.
+loft_check_snapshots() {
+  local s seen=" "
+  if [ "$#" = 0 ]; then loft_log "ERROR: LOFT_SNAPSHOTS is empty"; return 2; fi
+  for s in "$@"; do
+    if [ "$s" = end ]; then
+      loft_log "ERROR: LOFT_SNAPSHOTS: 'end' is not a snapshot: the end ticket (tickets_pNN.h5," \
+               "retrain_pNN.h5) is made by the chain's prune and retrain jobs (slurm/prune.sh," \
+               "slurm/retrain.sh); list only pretraining steps in output.snapshot_weights"
+      return 2
+    fi
+    case "$seen" in
+      *" $s "*) loft_log "ERROR: LOFT_SNAPSHOTS: step $s is listed twice (two tasks would write the same files)"
+                return 2 ;;
+    esac
+    seen+="$s "
+  done
+}
+
 # ---------------------------------------------------------------- submitting jobs
 # loft_sbatch ARGS...: sbatch --parsable, printing the job id.  Inside a job the SLURM_*
 # variables of that job are dropped first (sbatch would export them into the new job).
@@ -222,13 +288,22 @@ loft_sbatch() {
   )
 }
 
-# loft_shape_args STAGE: fill array LOFT_SHAPE with the sbatch options for STAGE (pretrain, prune,
-# retrain or snapshots).  Multi-rank stages take LOFT_NP / LOFT_NODES / LOFT_NTASKS_PER_NODE /
-# LOFT_CPUS_PER_TASK / LOFT_GPUS_PER_NODE / LOFT_MEM, and with LOFT_INHERIT_SHAPE=1 (inside a pretraining
-# job) fall back to that job's own shape, so retraining gets the same nodes, GPUs and memory.
+# loft_header SCRIPT OPTION: the value of "#SBATCH --OPTION=value" in slurm/SCRIPT.sh.
+loft_header() {
+  sed -n "s/^#SBATCH --$2=\([^ ]*\).*/\1/p" "$LOFT_REPO/slurm/$1.sh" | head -n 1
+}
+
+# loft_shape_args STAGE [LIKE]: fill array LOFT_SHAPE with the sbatch options for the job of STAGE
+# (pretrain, prune, retrain or snapshots).  Multi-rank stages take LOFT_NP / LOFT_NODES /
+# LOFT_NTASKS_PER_NODE / LOFT_CPUS_PER_TASK / LOFT_GPUS_PER_NODE / LOFT_MEM, and with
+# LOFT_INHERIT_SHAPE=1 (inside a pretraining job) fall back to that job's own shape, so retraining
+# gets the same nodes, GPUs and memory.  With LIKE (another stage), STAGE's job gets LIKE's
+# shape: its ranks, nodes, GPUs, CPUs, memory, partition (LOFT_<LIKE>_PARTITION), time limit
+# (LOFT_<LIKE>_TIME, else the --time of slurm/LIKE.sh) and signal lead (slurm/LIKE.sh); only
+# LOFT_<STAGE>_SBATCH_ARGS stay STAGE's.  (IMP pruning is submitted like retraining.)
 loft_shape_args() {
-  local stage="$1" up inherit="${LOFT_INHERIT_SHAPE:-0}" v part=()
-  up="$(printf '%s' "$stage" | tr '[:lower:]' '[:upper:]')"
+  local stage="$1" like="${2:-$1}" up inherit="${LOFT_INHERIT_SHAPE:-0}" v part=()
+  up="$(printf '%s' "$like" | tr '[:lower:]' '[:upper:]')"
   local job_nodes="" job_ntasks="" job_tpn="" job_cpt="" job_gpn="" job_part="" job_acct="" job_mem=""
   if [ "$inherit" = 1 ]; then
     job_nodes="${SLURM_JOB_NUM_NODES:-}" job_ntasks="${SLURM_NTASKS:-}"
@@ -238,7 +313,7 @@ loft_shape_args() {
   fi
   LOFT_SHAPE=()
   local cpt="${LOFT_CPUS_PER_TASK:-$job_cpt}" mem="${LOFT_MEM:-$job_mem}"
-  if [ "$stage" = prune ]; then
+  if [ "$like" = prune ]; then
     LOFT_SHAPE+=(--nodes=1 --ntasks="${LOFT_PRUNE_NP:-1}")
   else
     local nodes="${LOFT_NODES:-$job_nodes}" np="${LOFT_NP:-$job_ntasks}"
@@ -255,10 +330,71 @@ loft_shape_args() {
   v="${LOFT_ACCOUNT:-$job_acct}"
   if [ -n "$v" ]; then LOFT_SHAPE+=(--account="$v"); fi
   v="LOFT_${up}_TIME"
-  if [ -n "${!v:-}" ]; then LOFT_SHAPE+=(--time="${!v}"); fi
+  if [ -n "${!v:-}" ]; then LOFT_SHAPE+=(--time="${!v}")
+  elif [ "$like" != "$stage" ]; then
+    v="$(loft_header "$like" time)"
+    if [ -n "$v" ]; then LOFT_SHAPE+=(--time="$v"); fi
+  fi
+  if [ "$like" != "$stage" ]; then
+    v="$(loft_header "$like" signal)"
+    if [ -n "$v" ]; then LOFT_SHAPE+=(--signal="$v"); fi
+  fi
   if [ -n "${LOFT_LOG_DIR:-}" ]; then LOFT_SHAPE+=(--output="$LOFT_LOG_DIR/%x-%j.out"); fi
   loft_split part "${LOFT_SBATCH_ARGS:-}"; LOFT_SHAPE+=("${part[@]}")
-  v="LOFT_${up}_SBATCH_ARGS"; loft_split part "${!v:-}"; LOFT_SHAPE+=("${part[@]}")
+  v="LOFT_$(printf '%s' "$stage" | tr '[:lower:]' '[:upper:]')_SBATCH_ARGS"
+  loft_split part "${!v:-}"; LOFT_SHAPE+=("${part[@]}")
+}
+
+# loft_prune_levels: print prune.levels of the prune job (LOFT_CONFIG with LOFT_OVERRIDES and
+# LOFT_PRUNE_OVERRIDES), read with the package's own config loader (LOFT_PYTHON, else the
+# virtual environment's python, else python3; it imports only PyYAML, not torch).  When the
+# config cannot be loaded there (no such python, or an invalid config, which the pretraining job
+# reports), the last prune.levels=N override wins, else a "levels: N" line in the config's
+# prune: section, else 1.
+loft_prune_levels() {
+  local py="${LOFT_PYTHON:-}" out="" o
+  if [ -z "$py" ]; then
+    py="${LOFT_VENV:-$LOFT_REPO/.venv}/bin/python"
+    [ -x "$py" ] || py="$(command -v python3 || true)"
+  fi
+  loft_stage_overrides prune
+  if [ -n "$py" ]; then
+    out="$(PYTHONPATH="$LOFT_REPO${PYTHONPATH:+:$PYTHONPATH}" "$py" -c '
+import sys
+from loft_hpc.config.load import load_config
+print(int(load_config(sys.argv[1], sys.argv[2:]).prune.levels))
+' "$LOFT_CONFIG" "${LOFT_STAGE_OVERRIDES[@]}" 2>/dev/null)" || out=""
+  fi
+  case "$out" in ''|*[!0-9]*) out="" ;; esac
+  if [ -z "$out" ]; then
+    for o in "${LOFT_STAGE_OVERRIDES[@]}"; do
+      case "$o" in prune.levels=*) out="${o#prune.levels=}" ;; esac
+    done
+    if [ -z "$out" ]; then
+      out="$(awk '/^[^ \t#]/ { sec = $1 } sec == "prune:" && $1 == "levels:" { print $2; exit }' \
+             "$LOFT_CONFIG" 2>/dev/null)"
+    fi
+    case "$out" in ''|*[!0-9]*) out=1 ;; esac
+    loft_log "could not load $LOFT_CONFIG with ${py:-<no python>}: prune.levels=$out read from the text"
+  fi
+  printf '%s\n' "$out"
+}
+
+# loft_prune_shape: fill LOFT_SHAPE for the prune job.  One-shot pruning (prune.levels = 1) is a
+# short single-node job (LOFT_PRUNE_NP ranks, default 1; LOFT_PRUNE_TIME, LOFT_PRUNE_PARTITION).
+# IMP (prune.levels > 1) retrains every level but the last, i.e. does the retrain job's work
+# levels-1 times: the prune job then gets the retrain job's shape (ranks, nodes, tasks per node,
+# GPUs, CPUs, memory, partition, time limit, signal lead; LOFT_PRUNE_NP/_TIME/_PARTITION do not
+# apply, LOFT_PRUNE_SBATCH_ARGS still do).
+loft_prune_shape() {
+  local levels
+  levels="$(loft_prune_levels)"
+  if [ "$levels" -gt 1 ]; then
+    loft_shape_args prune retrain
+    loft_log "prune.levels=$levels (IMP retrains every level): the prune job gets the retrain job's shape"
+  else
+    loft_shape_args prune
+  fi
 }
 
 # loft_submit_followups AFTER_ID: submit prune (afterok:AFTER_ID) and retrain (afterok:prune),
@@ -266,7 +402,7 @@ loft_shape_args() {
 # "prune=<id>" / "retrain=<id>" lines on stdout.
 loft_submit_followups() {
   local after="$1"
-  loft_shape_args prune
+  loft_prune_shape
   LOFT_PRUNE_JOB="$(loft_sbatch "${LOFT_SHAPE[@]}" --dependency="afterok:$after" \
       --kill-on-invalid-dep=yes "$LOFT_REPO/slurm/prune.sh")" || return 1
   loft_shape_args retrain

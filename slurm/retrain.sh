@@ -15,7 +15,7 @@ set -uo pipefail
 # SLURM runs a copy of this script from its spool folder: find the repository (LOFT_REPO, the
 # submitted script's path, the submit folder, or next to this file) and its slurm/common.sh.
 for _d in "${LOFT_REPO:-}" "$(dirname "$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null |
-    sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")/.." "${SLURM_SUBMIT_DIR:-.}" "$(dirname "$0")/.."; do
+    sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)")/.." "${SLURM_SUBMIT_DIR:-.}" "$(dirname "$0")/.."; do
   [ -f "$_d/slurm/common.sh" ] && break
 done
 [ -f "$_d/slurm/common.sh" ] || { echo "cannot find slurm/common.sh: set LOFT_REPO" >&2; exit 1; }

@@ -6,7 +6,9 @@
   order, a failed job cancels its dependents (--kill-on-invalid-dep=yes), exit code 3 requeues the
   job through slurm/common.sh, a USR1 to the batch shell reaches every MPI rank through mpirun, and
   the real templates (chain.sh, pretrain.sh, prune.sh, retrain.sh, the snapshot array) submit and
-  run the stages in order, with a launcher stand-in that records what it was asked to run.
+  run the stages in order, with a launcher stand-in that records what it was asked to run: no two
+  jobs write the same file (the snapshot array beside the chain), IMP pruning gets the retrain
+  job's shape, and every rank sees Horovod's stall check.
 * The real pipeline (``python -m loft_hpc.run`` on the digits data set) through slurm/chain.sh,
   when the package provides it.
 """
@@ -159,6 +161,8 @@ def test_launcher_lines():
     assert "--oversubscribe" in mpirun
     assert ("--allow-run-as-root" in mpirun) == (os.geteuid() == 0)
     assert "OMP_NUM_THREADS" in mpirun
+    for v in ("HOROVOD_STALL_CHECK_TIME_SECONDS", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"):
+        assert mpirun[mpirun.index(v) - 1] == "-x", "mpirun must hand the stall check to every rank"
     plain = _compose('loft_launcher_cmd 2; printf "%s\\n" "${LOFT_LAUNCH_CMD[@]}"', {})
     assert "--oversubscribe" not in plain
     srun = _compose('loft_launcher_cmd 4; printf "%s\\n" "${LOFT_LAUNCH_CMD[@]}"',
@@ -188,6 +192,76 @@ def test_stage_command_line(tmp_path):
                             "prune.mask_from=5ep"]
     res = _bash(f"source {SLURM}/common.sh; loft_resolve_paths", {"LOFT_CONFIG": "no/such.yaml"})
     assert res.returncode == 2 and "config file not found" in res.stderr
+
+
+def _stall(env: dict) -> subprocess.CompletedProcess:
+    return _bash(f"source {SLURM}/common.sh; loft_launcher_cmd 2 >/dev/null; "
+                 'echo "$HOROVOD_STALL_CHECK_TIME_SECONDS $HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"', env)
+
+
+def test_stall_check_defaults_and_overrides(monkeypatch):
+    """The launcher of every job exports Horovod's stall check: warn after 60 s, end the job after
+    600 s; either can be set (a shorter shutdown pulls the default warning time down with it),
+    0 only warns, anything but whole seconds is a configuration error."""
+    for v in ("HOROVOD_STALL_CHECK_TIME_SECONDS", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"):
+        monkeypatch.delenv(v, raising=False)
+    S, C = "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "HOROVOD_STALL_CHECK_TIME_SECONDS"
+    for env, want in [({}, "60 600"), ({S: "30"}, "30 30"), ({S: "0"}, "60 0"),
+                      ({C: "90", S: "30"}, "90 30"), ({C: "5", S: "1800"}, "5 1800")]:
+        res = _stall(env)
+        assert (res.returncode, res.stdout.strip()) == (0, want), (env, res.stderr)
+    res = _stall({S: "10m"})
+    assert res.returncode == 2 and "expected whole seconds, got '10m'" in res.stderr
+
+
+def test_prune_job_shape_one_shot_and_imp(tmp_path):
+    """One-shot pruning is one task on one node; with prune.levels > 1 (read with the package's
+    config loader from LOFT_CONFIG + overrides) the prune job gets the retrain job's shape:
+    ranks, nodes, GPUs, partition, time (LOFT_RETRAIN_TIME, else retrain.sh's header) and signal."""
+    retrain_time = _headers(SLURM / "retrain.sh")["--time"]
+    job = {"LOFT_CONFIG": "configs/default.yaml", "LOFT_INHERIT_SHAPE": "1", "SLURM_NTASKS": "4",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_GPUS_ON_NODE": "2",
+           "LOFT_PRUNE_PARTITION": "cpu", "LOFT_RETRAIN_PARTITION": "gpu", "LOFT_PRUNE_TIME": "0:20:00",
+           "LOFT_PYTHON": sys.executable}
+    show = 'loft_resolve_paths; loft_prune_shape; printf "%s\\n" "${LOFT_SHAPE[@]}"'
+    one = _compose(show, job)
+    assert one == ["--nodes=1", "--ntasks=1", "--partition=cpu", "--time=0:20:00"]
+    imp = _compose(show, dict(job, LOFT_PRUNE_OVERRIDES="prune.levels=2"))
+    assert imp == ["--nodes=2", "--ntasks=4", "--ntasks-per-node=2", "--gres=gpu:2",
+                   "--partition=gpu", f"--time={retrain_time}",
+                   f"--signal={_headers(SLURM / 'retrain.sh')['--signal']}"]
+    imp = _compose(show, dict(job, LOFT_OVERRIDES="prune.levels=3", LOFT_RETRAIN_TIME="3:00:00"))
+    assert "--time=3:00:00" in imp and "--ntasks=4" in imp
+    # without a python that loads the config: the prune.levels override, else the YAML text
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("prune:\n  ratios: [0.5]\n  levels: 2\ntrain:\n  levels: 1\n")
+    imp = _compose(show, dict(job, LOFT_PYTHON="/bin/false", LOFT_CONFIG=str(cfg)))
+    assert "--ntasks=4" in imp
+    one = _compose(show, dict(job, LOFT_PYTHON="/bin/false", LOFT_CONFIG=str(cfg),
+                              LOFT_OVERRIDES="prune.levels=1"))
+    assert "--ntasks=1" in one
+
+
+@pytest.mark.parametrize("snaps", ["1ep end", "1ep 2ep 1ep"])
+def test_snapshot_array_refuses_end_and_repeated_steps(tmp_path, snaps):
+    """A snapshot task writes only tickets@<step>_pNN.h5 / retrain@<step>_pNN.h5: "end" (the main
+    chain's tickets_pNN.h5 / retrain_pNN.h5) and a repeated step are refused before anything runs,
+    by the array task and by chain.sh (which then submits nothing)."""
+    launcher = _script(tmp_path / "launcher.sh", 'echo "$*" >> "$DIR/calls"\n')
+    env = dict(_venv_env(), DIR=str(tmp_path), LOFT_LAUNCHER=str(launcher), LOFT_SNAPSHOTS=snaps,
+               LOFT_SNAPSHOT_INDEX="0", LOFT_OUT=str(tmp_path / "out"))
+    res = _bash(f"bash {SLURM}/retrain_snapshots_array.sh", env, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert ("'end' is not a snapshot" if "end" in snaps else "listed twice") in res.stderr
+    # chain.sh stops before sbatch: a stand-in sbatch first on PATH would record any submission
+    _script(tmp_path / "sbatch", 'echo "$*" >> "$DIR/submitted"; echo 1\n')
+    res = _bash(f"bash {SLURM}/chain.sh", dict(env, PATH=f"{tmp_path}:{os.environ['PATH']}"),
+                cwd=tmp_path)
+    assert res.returncode == 2 and res.stdout == "", res.stderr
+    assert not (tmp_path / "calls").exists() and not (tmp_path / "submitted").exists()
+    default = re.search(r"LOFT_SNAPSHOTS:-([^}]*)}", (SLURM / "retrain_snapshots_array.sh").read_text())
+    assert "end" not in default.group(1).split()
+    assert _headers(SLURM / "retrain_snapshots_array.sh")["--array"] == f"0-{len(default.group(1).split()) - 1}"
 
 
 _TRAPPING_CHILD = r"""
@@ -355,6 +429,35 @@ def test_usr1_to_batch_shell_reaches_every_rank_and_requeues(slurm_cluster, tmp_
         assert f"running: {launcher} " in log
 
 
+_STALL_RANK = r"""
+r=${OMPI_COMM_WORLD_RANK:-${SLURM_PROCID:-x}}
+echo "rank $r ${HOROVOD_STALL_CHECK_TIME_SECONDS:-unset} ${HOROVOD_STALL_SHUTDOWN_TIME_SECONDS:-unset}" >> "$DIR/stall"
+"""
+
+
+def test_every_rank_of_a_slurm_job_sees_the_stall_check(slurm_cluster, tmp_path, monkeypatch):
+    """Horovod's stall check reaches the ranks of a SLURM job through mpirun and srun: by default
+    a collective stuck for 600 s ends the job (not the time limit, hours later); a value set at
+    submission wins."""
+    for v in ("HOROVOD_STALL_CHECK_TIME_SECONDS", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"):
+        monkeypatch.delenv(v, raising=False)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("x: 1\n")
+    jobs = {}
+    for launcher, extra in (("mpirun", {}), ("srun", {"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "45"})):
+        d = tmp_path / launcher
+        d.mkdir()
+        env = dict(extra, DIR=str(d), LOFT_PYTHON=str(_script(d / "python.sh", _STALL_RANK)),
+                   LOFT_CONFIG=str(cfg), LOFT_SUBMIT_FOLLOWUPS="0", LOFT_NP="2", LOFT_LAUNCHER=launcher)
+        jobs[launcher] = slurm_cluster.submit(SLURM / "pretrain.sh", env=env, cwd=d,
+                                              sbatch_args=["--ntasks=2", f"--output={d}/job.out"])
+    done = slurm_cluster.wait_jobs(jobs.values(), timeout=60)
+    for launcher, want in (("mpirun", "60 600"), ("srun", "45 45")):
+        d = tmp_path / launcher
+        assert done[jobs[launcher]].state == "COMPLETED", (d / "job.out").read_text()
+        assert sorted((d / "stall").read_text().splitlines()) == [f"rank 0 {want}", f"rank 1 {want}"]
+
+
 _RECORDING_LAUNCHER = r"""
 stage=$(printf '%s\n' "$@" | sed -n '/^--stage$/{n;p}')
 n=$(( $(cat "$DIR/count.$stage" 2>/dev/null || echo 0) + 1 )); echo $n > "$DIR/count.$stage"
@@ -400,6 +503,86 @@ def test_pretrain_job_submits_prune_and_retrain_once(slurm_cluster, tmp_path):
         ["prune", "retrain"]
 
 
+def _files_written(call: str, out: Path) -> set:
+    """The files and checkpoint folders of OUT that the recorded stage call writes, named by the
+    package's own RunPaths (config.yaml, written by every job through a unique temporary name,
+    is left out)."""
+    from loft_hpc.checkpoint.paths import RunPaths
+    paths, argv = RunPaths(out), call.split()
+    stages = argv[0].split(",")
+    mask = ([a.split("=", 1)[1] for a in argv if a.startswith("prune.mask_from=")] or ["end"])[-1]
+    ratios = [float(r) for a in argv if a.startswith("prune.ratios=[")
+              for r in a.split("=", 1)[1].strip("[]").split(",")]
+    files = set()
+    if "pretrain" in stages:
+        files |= {paths.pretrain, paths.ckpt_dir("pretrain")}
+    for r in ratios:
+        if "prune" in stages:
+            files.add(paths.ticket(mask, r))
+        if "retrain" in stages:
+            files |= {paths.retrain(mask, r), paths.ckpt_dir(paths.retrain_stage(mask, r))}
+    return files
+
+
+def _assert_no_shared_files(calls: list, out: Path) -> None:
+    """No file or checkpoint folder is written by two different jobs (job=<id> of each call)."""
+    owner = {}
+    for c in calls:
+        job = re.search(r" job=(\d+) ", c).group(1)
+        for f in _files_written(c, out):
+            assert owner.setdefault(f, job) == job, \
+                f"{f.name} is written by job {owner[f]} and by job {job} ({c.split()[0]})"
+
+
+def test_snapshot_array_beside_the_chain_writes_only_its_own_files(slurm_cluster, tmp_path):
+    """The chain (pretrain -> prune -> retrain) and the snapshot array submitted by hand as
+    documented (its default steps, afterok on the pretraining job) share one output folder: the
+    array's tasks run beside the prune and retrain jobs, and no two jobs may write the same file
+    (a task for the end of pretraining would write tickets_p50.h5, retrain_p50.h5 and
+    ckpt/retrain_p50/ as the chain's jobs do)."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("x: 1\n")
+    launcher = _script(tmp_path / "launcher.sh", _RECORDING_LAUNCHER)
+    out = tmp_path / "out"
+    env = slurm_cluster.client_env(dict(
+        _venv_env(), DIR=str(tmp_path), LOFT_LAUNCHER=str(launcher), LOFT_CONFIG=str(cfg),
+        LOFT_OUT=str(out), LOFT_NP="2", LOFT_OVERRIDES="prune.ratios=[0.5,0.8]"))
+    res = subprocess.run(["bash", str(SLURM / "chain.sh")], env=env, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    ids = res.stdout.split()
+    snaps = slurm_cluster.submit(SLURM / "retrain_snapshots_array.sh", env=env, cwd=tmp_path, sbatch_args=[
+        "--ntasks=2", f"--dependency=afterok:{ids[0]}", f"--output={tmp_path}/snap-%a.out"])
+    done = slurm_cluster.wait_jobs(ids + [snaps], timeout=90)
+    assert {j: r.state for j, r in done.items()} == dict.fromkeys(ids + [snaps], "COMPLETED")
+    calls = _calls(tmp_path)
+    masks = sorted(re.search(r"prune\.mask_from=(\S+)", c).group(1)
+                   for c in calls if c.startswith("prune,retrain"))
+    assert len(masks) == len(done[snaps]["tasks"]) and "end" not in masks, masks
+    _assert_no_shared_files(calls, out)
+
+
+def test_imp_prune_job_gets_the_retrain_jobs_shape(slurm_cluster, tmp_path):
+    """prune.levels=2 retrains a level inside the prune job: chain.sh submits it with the retrain
+    job's task count and time limit (as SLURM records them), and it runs on that many ranks."""
+    launcher = _script(tmp_path / "launcher.sh", _RECORDING_LAUNCHER)
+    env = slurm_cluster.client_env(dict(
+        _venv_env(), DIR=str(tmp_path), LOFT_LAUNCHER=str(launcher), LOFT_CONFIG="configs/default.yaml",
+        LOFT_OUT=str(tmp_path / "out"), LOFT_NP="2", LOFT_PRUNE_OVERRIDES="prune.levels=2",
+        LOFT_LOG_DIR=str(tmp_path / "logs")))
+    res = subprocess.run(["bash", str(SLURM / "chain.sh")], env=env, cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    pre, prune, retrain = res.stdout.split()
+    p, r = slurm_cluster.job_info(prune), slurm_cluster.job_info(retrain)
+    assert (p["NumTasks"], p["TimeLimit"]) == (r["NumTasks"], r["TimeLimit"]) == ("2", "1-00:00:00"), \
+        (p, res.stderr)
+    done = slurm_cluster.wait_jobs([pre, prune, retrain], timeout=90)
+    assert {j: d.state for j, d in done.items()} == dict.fromkeys([pre, prune, retrain], "COMPLETED")
+    (call,) = [c for c in _calls(tmp_path) if c.startswith("prune ")]
+    assert " -np 2 " in call and "prune.levels=2" in call
+
+
 def test_chain_sh_runs_three_stages_and_snapshot_array(slurm_cluster, tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("x: 1\n")
@@ -408,7 +591,7 @@ def test_chain_sh_runs_three_stages_and_snapshot_array(slurm_cluster, tmp_path):
     env = slurm_cluster.client_env(dict(
         _venv_env(), DIR=str(tmp_path), LOFT_LAUNCHER=str(launcher), LOFT_CONFIG=str(cfg),
         LOFT_OUT=str(out), LOFT_LOG_DIR=str(tmp_path / "logs"), LOFT_NP="2",
-        LOFT_OVERRIDES="train.duration=30it prune.ratios=[0.5]", LOFT_SNAPSHOTS="1ep end",
+        LOFT_OVERRIDES="train.duration=30it prune.ratios=[0.5]", LOFT_SNAPSHOTS="1ep 2ep",
         LOFT_RETRAIN_OVERRIDES="retrain.duration=20it"))
     res = subprocess.run(["bash", str(SLURM / "chain.sh")], env=env, cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
@@ -433,7 +616,8 @@ def test_chain_sh_runs_three_stages_and_snapshot_array(slurm_cluster, tmp_path):
     assert "retrain.duration=20it" not in by_stage["pretrain"]
     masks = sorted(re.search(r"prune\.mask_from=(\S+)", c).group(1)
                    for c in calls if c.startswith("prune,retrain"))
-    assert masks == ["1ep", "end"]
+    assert masks == ["1ep", "2ep"]
+    _assert_no_shared_files(calls, out)
 
 
 # ====================================================================== the real pipeline
