@@ -1,6 +1,8 @@
 """Finding tickets: structured and unstructured masks, IMP, rewinding, retraining with masks."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -9,8 +11,8 @@ from loft_hpc.config.schema import ModelConfig
 from loft_hpc.models import build_model
 from loft_hpc.partition.slicing import TensorSlicer, subnetwork
 from loft_hpc.prune.masks import MaskError, apply_masks_, sparsity_report, validate_masks
-from loft_hpc.prune.structured import channel_keep, channels_alive, masks_from_channels
-from loft_hpc.prune.unstructured import magnitude_masks
+from loft_hpc.prune.structured import channel_keep, channels_alive, global_scores, masks_from_channels
+from loft_hpc.prune.unstructured import lth_pruned_fraction, magnitude_masks
 from tests.mpi_util import TINY, assert_same_run, ok, run_job
 
 
@@ -23,6 +25,18 @@ def small(arch="preresnet18", **kw):
 def scores(state, g):
     w = state[g.producer].reshape(g.size, -1)
     return (w * w).sum(1)
+
+
+@functools.lru_cache(maxsize=2)
+def preresnet34x2(seed=0):
+    """The paper's CIFAR model: PreResNet-34, inner width x2, width 64, 32 px (shared: never modify it)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(arch="preresnet34", width=64, inner_width_factor=2)
+    return build_model(cfg, num_classes=10, in_channels=3, image_size=32, dataset="cifar10")
+
+
+def pruned_fractions(keep):
+    return {g: 1 - k.float().mean().item() for g, k in keep.items()}
 
 
 @pytest.mark.parametrize("p", [0.3, 0.5, 0.8])
@@ -77,28 +91,144 @@ def test_structured_global_and_levels_only_shrink():
         kept = sum(int(k.sum()) for k in keep.values())
         assert abs(kept / total - keep_fraction) < 0.05
         prev = masks
-    # global: one threshold on fan-in-normalised scores
-    norm = {g.name: scores(state, g) / state[g.producer][0].numel() for g in groups}
-    kept_min = min(norm[g][keep[g]].min() for g in keep if keep[g].sum() > 1)
-    pruned = [norm[g][~keep[g]] for g in keep if (~keep[g]).any()]
+    # global: one threshold on the comparable scores of the last level's survivors, and within
+    # every group the kept filters are its largest by the raw score
+    z = global_scores(state, groups, score="l2", alive=alive)
+    kept_min = min(z[g][keep[g]].min() for g in keep if keep[g].sum() > 1)
+    pruned = [z[g][~keep[g] & alive[g]] for g in keep if (~keep[g] & alive[g]).any()]
     assert kept_min >= max(p.max() for p in pruned)
+    for g in groups:
+        s, k, a = scores(state, g), keep[g.name], alive[g.name]
+        if (a & ~k).any():
+            assert s[k].min() >= s[a & ~k].max()
 
 
-def test_unstructured_layerwise_rates_and_fc_rate():
+@pytest.mark.parametrize("score", ["l2", "l1"])
+@pytest.mark.parametrize("p", [0.5, 0.8])
+def test_structured_global_prunes_every_layer_alike_at_init(p, score):
+    """At initialisation no layer is more important than another: every group loses p, within 10
+    points. (Scores divided by fan-in pruned PreResNet-34 x2 at p = 0.5 as: stage 2 0%, stage 3
+    23-27%, stage 4 99.9%; scores over the layer mean gave 71-87% at p = 0.8.)"""
+    for model in (preresnet34x2(0), preresnet34x2(1), small(inner_width_factor=2)):
+        groups = [g for g in model.filter_groups() if g.partitioned]
+        assert len({model.state_dict()[g.producer][0].numel() for g in groups}) == 3  # three fan-ins
+        keep = channel_keep(model.state_dict(), groups, 1 - p, score=score, scope="global")
+        frac = pruned_fractions(keep)
+        assert all(abs(f - p) <= 0.10 for f in frac.values()), frac
+        total = sum(g.size for g in groups)
+        assert abs(sum(int(k.sum()) for k in keep.values()) / total - (1 - p)) < 0.005
+
+
+@pytest.mark.parametrize("score", ["l2", "l1"])
+@pytest.mark.parametrize("p", [0.5, 0.8])
+def test_structured_global_prunes_a_scaled_down_layer_most(p, score):
+    """A layer whose weights are all x0.1 (the same network otherwise, at initialisation) is
+    pruned most: global scores see a layer's scale, not only each filter's standing in it."""
+    for model, scaled in ((preresnet34x2(), "layer3.2.inner"), (preresnet34x2(), "layer2.1.inner"),
+                          (preresnet34x2(), "layer4.1.inner"), (small(inner_width_factor=2), "layer3.1.inner")):
+        groups = [g for g in model.filter_groups() if g.partitioned]
+        state = dict(model.state_dict())
+        producer = next(g.producer for g in groups if g.name == scaled)
+        state[producer] = state[producer] * 0.1
+        frac = pruned_fractions(channel_keep(state, groups, 1 - p, score=score, scope="global"))
+        others = [f for g, f in frac.items() if g != scaled]
+        assert frac[scaled] > max(others) and frac[scaled] > p, (scaled, frac)
+    # multiplying every weight by one factor changes nothing
+    model = small(inner_width_factor=2)
+    groups = [g for g in model.filter_groups() if g.partitioned]
+    state = model.state_dict()
+    a = channel_keep(state, groups, 1 - p, score=score, scope="global")
+    b = channel_keep({n: t * 7.0 for n, t in state.items()}, groups, 1 - p, score=score, scope="global")
+    assert all(torch.equal(a[g], b[g]) for g in a)
+
+
+def lth_model(arch):
+    """An LTH model at the LTH paper's size: Conv-2/4/6 on CIFAR-10, LeNet-300-100 on MNIST."""
+    torch.manual_seed(0)
+    lenet = arch == "lenet300_100"
+    return build_model(ModelConfig(arch=arch, width=64), num_classes=10, in_channels=1 if lenet else 3,
+                       image_size=28 if lenet else 32, dataset="synthetic")
+
+
+def kept_counts(masks):
+    return {n: int(m.sum()) for n, m in masks.items()}
+
+
+def test_unstructured_lth_rates_compound_conv2_after_five_rounds():
+    """LTH's Conv-2 (conv 10%, fc 20% per round) after 5 rounds: conv layers keep 0.9^5 = 59.049%,
+    fc layers 0.8^5 = 32.768% of their weights, one-shot and as 5 IMP levels."""
+    model = lth_model("conv2")
+    names = model.prunable_weights()
+    kinds = {n: model.layer_kind(n) for n in names}
+    state = model.state_dict()
+    sizes = {n: state[n].numel() for n in names}
+    # by hand: 3x3 convs 3->64, 64->64; fc 64*16*16 -> 256 -> 256 -> 10
+    assert sizes == {"conv1.weight": 1728, "conv2.weight": 36864, "fc1.weight": 4194304, "fc2.weight": 65536,
+                     "classifier.weight": 2560}
+    want = {"conv1.weight": 1020, "conv2.weight": 21768,                       # round(N x 0.59049)
+            "fc1.weight": 1374390, "fc2.weight": 21475, "classifier.weight": 839}  # round(N x 0.32768)
+    kept_exact = 0.59049 * (1728 + 36864) + 0.32768 * (4194304 + 65536 + 2560)
+    p5 = 1 - kept_exact / 4300992                                              # 0.669962
+    assert p5 == pytest.approx(0.669962, abs=1e-6)
+    assert lth_pruned_fraction(state, names, kinds, 5, conv_rate=0.1, fc_rate=0.2) == pytest.approx(p5, abs=1e-12)
+
+    one_shot = magnitude_masks(state, names, kinds, p5, scope="layerwise", conv_rate=0.1, fc_rate=0.2)
+    assert kept_counts(one_shot) == want
+    for n in names:  # within a layer: the largest magnitudes
+        w = state[n].abs()
+        assert w[one_shot[n]].min() >= w[~one_shot[n]].max()
+
+    # IMP: 5 levels on the ticket stage's schedule, level k keeps (1 - p5)^(k/5); other weights each level
+    prev = None
+    for level in range(1, 6):
+        weights = {n: torch.randn_like(t) for n, t in state.items()}
+        masks = magnitude_masks(weights, names, kinds, 1 - (1 - p5) ** (level / 5), scope="layerwise",
+                                conv_rate=0.1, fc_rate=0.2, previous=prev)
+        validate_masks(masks, model, previous=prev)
+        for n in names:  # level k is LTH's round k: conv keeps 0.9^k, fc 0.8^k (within 0.3 points)
+            rate = 0.1 if kinds[n] == "conv" else 0.2
+            assert abs(int(masks[n].sum()) / sizes[n] - (1 - rate) ** level) < 0.003, (level, n)
+        prev = masks
+    assert kept_counts(prev) == want
+
+
+def test_unstructured_lth_rates_lenet_fc_20_percent_per_round():
+    """LeNet-300-100, fc 20% per round: after 3 rounds every layer keeps 0.8^3 = 51.2%. The model
+    has no conv layer, so conv_rate must not matter."""
+    model = lth_model("lenet300_100")
+    names = model.prunable_weights()
+    kinds = {n: model.layer_kind(n) for n in names}
+    state = model.state_dict()
+    assert {n: state[n].numel() for n in names} == {"fc1.weight": 235200, "fc2.weight": 30000, "classifier.weight": 1000}
+    want = {"fc1.weight": 120422, "fc2.weight": 15360, "classifier.weight": 512}  # round(N x 0.512)
+    p3 = 1 - 0.8 ** 3
+    for conv_rate in (0.1, 0.2, 0.0):
+        masks = magnitude_masks(state, names, kinds, p3, scope="layerwise", conv_rate=conv_rate, fc_rate=0.2)
+        assert kept_counts(masks) == want, conv_rate
+    # two IMP levels of 1.5 rounds each reach the same ticket
+    prev = None
+    for level in (1, 2):
+        prev = magnitude_masks({n: torch.randn_like(t) for n, t in state.items()}, names, kinds,
+                               1 - (1 - p3) ** (level / 2), scope="layerwise", conv_rate=0.1, fc_rate=0.2, previous=prev)
+        assert all(abs(int(m.sum()) / m.numel() - 0.8 ** (1.5 * level)) < 0.002 for m in prev.values())
+    assert kept_counts(prev) == want
+
+
+def test_unstructured_rate_zero_layers_are_not_pruned():
+    """fc_rate 0 (the LTH ResNet-18 / VGG-19 setting): fc layers get no mask and the ratio is that of
+    the conv layers, which then all share one rate; conv_rate 0: only fc layers are pruned."""
     model = small("conv4", width=16)
     names = model.prunable_weights()
     kinds = {n: model.layer_kind(n) for n in names}
-    assert {"conv", "fc"} == set(kinds.values())
     state = model.state_dict()
-    masks = magnitude_masks(state, names, kinds, 0.5, scope="layerwise", conv_rate=0.1, fc_rate=0.2)
-    for n in names:
-        frac = 1 - masks[n].float().mean().item()
-        want = 0.5 if kinds[n] == "conv" else 0.99  # fc: 0.5 x (0.2 / 0.1), capped at 0.99
-        assert abs(frac - want) < 0.01, (n, frac)
-        w = state[n].abs()
-        assert w[masks[n]].min() >= w[~masks[n]].max()
-    dense_fc = magnitude_masks(state, names, kinds, 0.5, scope="layerwise", conv_rate=0.2, fc_rate=0.0)
-    assert all(dense_fc[n].all() for n in names if kinds[n] == "fc")
+    masks = magnitude_masks(state, names, kinds, 0.6, scope="layerwise", conv_rate=0.2, fc_rate=0.0)
+    assert set(masks) == {n for n in names if kinds[n] == "conv"}
+    for n, m in masks.items():
+        assert abs(1 - m.float().mean().item() - 0.6) < 0.002, n
+    masks = magnitude_masks(state, names, kinds, 0.6, scope="layerwise", conv_rate=0.0, fc_rate=0.2)
+    assert set(masks) == {n for n in names if kinds[n] == "fc"}
+    with pytest.raises(ValueError, match="nothing to prune"):
+        magnitude_masks(state, names, kinds, 0.6, scope="layerwise", conv_rate=0.0, fc_rate=0.0)
 
 
 def test_unstructured_global_single_threshold_and_shrinking():

@@ -102,14 +102,90 @@ def test_reversed_is_a_scale_not_a_bound():
     assert max(filter_distance(*scores_for(p)) for p in itertools.permutations(range(1, 7))) < 1.079
 
 
-def test_ties_broken_by_filter_index():
-    ref = np.array([2.0, 2.0, 1.0])               # ranking (0, 1, 2)
-    assert filter_distance(ref, np.array([5.0, 5.0, 5.0])) == 0.0     # all tied -> index order
-    swapped = np.array([2.0, 3.0, 1.0])           # ranking (1, 0, 2): the top two swapped
-    assert filter_distance(ref, swapped, normalize=False) == pytest.approx(1.5 * math.log(2))
+def _linear_extensions(scores) -> list[tuple[int, ...]]:
+    """Every ranking (filter indices, best first) that orders ``scores`` descending, ties in any order."""
+    return [p for p in itertools.permutations(range(len(scores)))
+            if all(scores[p[i]] >= scores[p[i + 1]] for i in range(len(p) - 1))]
+
+
+def brute_force_distance(ref, snap) -> float:
+    """F by the definition of the module notes, found by enumeration: over every way to order the
+    tied filters of both rankings, those with the fewest pairs ordered oppositely; all of them must
+    give the same F, which is the distance."""
+    best, values = None, set()
+    for r in _linear_extensions(ref):
+        pos_r = {f: i for i, f in enumerate(r)}
+        for s in _linear_extensions(snap):
+            pos_s = {f: i for i, f in enumerate(s)}
+            discordant = sum((pos_r[f] < pos_r[g]) != (pos_s[f] < pos_s[g])
+                             for f, g in itertools.combinations(range(len(ref)), 2))
+            f_value = round(F([pos_s[f] + 1 for f in r]), 12)
+            if best is None or discordant < best:
+                best, values = discordant, {f_value}
+            elif discordant == best:
+                values.add(f_value)
+    assert len(values) == 1, values
+    return values.pop()
+
+
+def test_ties_count_as_agreement():
+    ref = np.array([2.0, 2.0, 1.0])
+    assert filter_distance(ref, np.array([5.0, 5.0, 5.0])) == 0.0     # all tied: no disagreement
+    assert filter_distance(ref, np.array([2.0, 3.0, 1.0])) == 0.0     # the reference's tie, ordered by the snapshot
+    assert filter_distance(np.array([2.0, 3.0, 1.0]), ref) == 0.0     # the snapshot's tie, ordered by the reference
+    # a strict disagreement still costs the same as without ties: the top two swapped
+    assert filter_distance(np.array([3.0, 2.0, 1.0]), np.array([2.0, 3.0, 1.0]), normalize=False) == pytest.approx(1.5 * math.log(2))
     assert filter_distance(np.zeros(8), np.zeros(8)) == 0.0
-    # a pruned ticket: zero scores rank last, by index
+    # one score vector on its own: zero scores rank last, by index
     assert ranking(np.array([0.0, 3.0, 0.0, 1.0])).tolist() == [1, 3, 0, 2]
+
+
+def test_pruned_ticket_reference_with_a_block_of_zeros():
+    rng = np.random.default_rng(3)
+    c = 32
+    weights = rng.random(c) + 0.1                      # the scores the ticket was pruned from
+    ticket = np.where(weights >= np.median(weights), weights, 0.0)   # half the filters pruned: a tie block at 0
+    assert (ticket == 0).sum() == c // 2
+    # the ticket against the weights it was pruned from (its tie block in another order): 0
+    assert filter_distance(ticket, weights) == 0.0
+    assert filter_distance(weights, ticket) == 0.0
+    # against itself with any tie order: every other order of the pruned filters is 0 as well
+    for _ in range(5):
+        other = weights.copy()
+        pruned = np.nonzero(ticket == 0)[0]
+        other[pruned] = rng.permutation(other[pruned])  # the pruned filters in another order below the kept ones
+        assert filter_distance(ticket, other) == 0.0
+    # the distance does not depend on how the filters are numbered
+    snap = rng.random(c)
+    d = filter_distance(ticket, snap)
+    assert d > 0
+    for _ in range(5):
+        perm = rng.permutation(c)
+        assert filter_distance(ticket[perm], snap[perm]) == pytest.approx(d, abs=1e-12)
+    # the vectorised forms agree, with the tie block in the reference, in the snapshots, or both
+    h = np.stack([snap, ticket, weights, rng.random(c), np.where(snap > 0.5, snap, 0.0)])
+    np.testing.assert_allclose(distance_to_reference(h, ticket), [filter_distance(ticket, r) for r in h], atol=1e-12)
+    dm = distance_matrix(h)
+    for a in range(len(h)):
+        for b in range(len(h)):
+            assert dm[a, b] == pytest.approx(filter_distance(h[a], h[b]), abs=1e-12)
+    assert dm[1, 2] == 0.0 and dm[2, 1] == 0.0
+
+
+def test_ties_match_brute_force():
+    rng = np.random.default_rng(5)
+    cases = [
+        (np.array([3.0, 0.0, 2.0, 0.0, 1.0, 0.0]), np.array([0.4, 0.5, 0.9, 0.1, 0.2, 0.3])),  # ticket vs dense
+        (np.array([0.4, 0.5, 0.9, 0.1, 0.2, 0.3]), np.array([3.0, 0.0, 2.0, 0.0, 1.0, 0.0])),  # dense vs ticket
+        (np.array([2.0, 2.0, 0.0, 1.0, 0.0, 2.0]), np.array([1.0, 0.0, 1.0, 0.0, 3.0, 1.0])),  # ties in both
+    ]
+    for _ in range(20):
+        cases.append((rng.integers(0, 3, 6).astype(float), rng.integers(0, 3, 6).astype(float)))
+    for ref, snap in cases:
+        want = brute_force_distance(ref, snap)
+        assert filter_distance(ref, snap, normalize=False) == pytest.approx(want, abs=1e-9), (ref, snap)
+    # ordering the reference's tie block by filter index instead would count a disagreement
+    assert F(rank_positions(cases[0][1])[ranking(cases[0][0])]) > brute_force_distance(*cases[0]) + 0.05
 
 
 def test_single_filter_and_bad_input():

@@ -12,7 +12,8 @@ Reference: ``last`` (default) = the last snapshot of RUN.h5, i.e. the ranking of
 weights, which are the ones the winning ticket is pruned from; ``FILE.h5`` = the scores of the
 final weights (``/model``) of another loft_hpc file with the same model, e.g. a retrained ticket
 (``retrain_p50.h5``) or another run's ``pretrain.h5``; pruned filters of a ticket score 0 and rank
-last, ties by filter index. Distances are normalised by the reversed ranking (0 = same order,
+last, and a tie never counts as a disagreement (tied filters take the snapshot's order, see the
+metric's notes): a ticket is at distance 0 from the weights it was pruned from. Distances are normalised by the reversed ranking (0 = same order,
 1 = reversed, see the metric's notes); ``--raw`` prints F itself. The ``random`` line gives the
 expected distance of a random ranking of that width.
 

@@ -81,13 +81,13 @@ class TrainConfig:
 @dataclass
 class PruneConfig:
     method: str = opt("structured", "structured (whole filter groups by filter norm) or unstructured (single weights by magnitude)", choices=("structured", "unstructured"))
-    scope: str = opt("layerwise", "rank filters / weights per layer (layerwise) or across the whole network (global)", choices=("layerwise", "global"))
-    ratios: list = opt([0.5, 0.8], "target pruned fractions; one ticket per value", check=RATIOS)
-    levels: int = opt(1, "IMP levels n: each level prunes 1-(1-p)^(1/n) of the survivors and retrains; 1 = one-shot", check=POS)
+    scope: str = opt("layerwise", "rank filters / weights per layer (layerwise) or across the whole network (global). Structured global: one threshold on each filter's score standardised within its layer plus the log of its layer's typical filter magnitude, so at initialisation every layer loses about p and a layer of smaller weights loses more (loft_hpc/prune/structured.py)", choices=("layerwise", "global"))
+    ratios: list = opt([0.5, 0.8], "target pruned fractions (of the pruned layers' weights or filters); one ticket per value, named by it. Unstructured layerwise: the LTH rates share p out among the layers (see conv_rate)", check=RATIOS)
+    levels: int = opt(1, "IMP levels n: level k keeps (1-p)^(k/n) of the prunable units, every level but the last is retrained; 1 = one-shot", check=POS)
     score: str = opt("l2", "filter score for structured pruning: l2 (squared L2 norm, as the paper) or l1", choices=("l2", "l1"))
     groups: str = opt("partitioned", "structured: which filter groups are pruned: partitioned (the groups LoFT partitions, as the paper) or all", choices=("partitioned", "all"))
-    conv_rate: float = opt(0.2, "unstructured layerwise: pruned fraction of each conv layer per level, scaled so the levels reach the ratio (the LTH table's per-layer rates)", check=FRACTION)
-    fc_rate: float = opt(0.2, "unstructured layerwise: relative pruned fraction of fully-connected layers (0 keeps them dense, as the LTH ResNet/VGG setting)", check=UNIT)
+    conv_rate: float = opt(0.2, "unstructured layerwise: LTH per-round rate of conv layers: one LTH round prunes this fraction of each conv layer's surviving weights, so m rounds keep (1-conv_rate)^m. A ticket of ratio p is LTH's ticket after the (real) number of rounds m at which these compounded rates prune p overall, and each level k of n after the m_k rounds that keep (1-p)^(k/n) (Conv-2 after 5 rounds: conv 10%, fc 20%, ratio 0.66996 at 32x32x3: conv keeps 0.9^5, fc 0.8^5). 0 = conv layers not pruned", check=FRACTION)
+    fc_rate: float = opt(0.2, "unstructured: LTH per-round rate of fully-connected layers, compounding like conv_rate (layerwise); 0 = fc layers not pruned (no mask, as the LTH ResNet-18/VGG-19 setting), also in global scope", check=FRACTION)
     mask_from: str = opt("end", "weights that rank the filters/weights: end (of pretraining) or a pretraining step in output.snapshot_weights ('5ep'): the ticket found at that snapshot")
     rewind: str = opt("end", "weights the ticket restarts from: init (theta_0), end (end of pretraining: fine-tuning, the paper's release) or a step like '500it' / '2ep' of pretraining")
 

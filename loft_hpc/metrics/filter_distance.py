@@ -1,8 +1,9 @@
 """The LoFT paper's filter distance between two rankings of one layer's filters (LOFT_SPEC section 5).
 
 Rankings. ``ranking(scores)`` lists the filter indices by score, largest first: entry ``i - 1`` is
-the filter at rank ``i`` (rank 1 = largest score). Equal scores are ordered by filter index (a
-stable sort), so the ranking is a pure function of the scores.
+the filter at rank ``i`` (rank 1 = largest score). For one score vector on its own, equal scores
+are ordered by filter index (a stable sort), so the ranking is a pure function of the scores. The
+distance does not use that rule for ties (see "Ties" below).
 
 Distance. ``R`` is the ranking of a *reference* score vector (e.g. the final / winning ticket), ``R^``
 the ranking at a *snapshot*; ``sigma(i)`` is the rank in ``R^`` of the filter that has rank ``i`` in
@@ -32,6 +33,24 @@ assignment solver), 1.036 (C = 16), 1.026 (C = 64), 1.022 (C = 128), 1.015 (C = 
 reversed ranking was chosen over the exact maximum because it has a closed form, is the natural
 "opposite ranking", needs no assignment solver, and is within 8% (3.1% for C >= 32) of the maximum.
 For C = 1 there is only one ranking and the distance is defined as 0.
+
+Ties. A pruned ticket gives all its pruned filters the score 0 (and any two filters can tie), so
+the order among tied filters carries no information. Rule: **a tie is never counted as a
+disagreement**. In each ranking, filters with equal scores are ordered as the *other* score vector
+orders them; filters tied in both are ordered by filter index, which cannot change F (they have the
+same scores in both vectors, so exchanging them exchanges their labels only). Equivalently: of all
+the ways to order the tied filters of both rankings, F is taken at one that orders every pair the
+way the other ranking does wherever one of the two has a tie, i.e. with the fewest discordant pairs;
+all such ways give the same F (tested by brute force). Consequences:
+
+- F = 0 exactly when no pair of filters is ordered strictly oppositely by the two score vectors: a
+  ticket (pruned filters at 0) against the weights it was pruned from (the same order of its kept
+  filters, the pruned ones below them in any order) is at distance 0;
+- F does not depend on how the filters are numbered (the index order of the old rule did);
+- a tie block costs nothing among its own members; its members still count where the other
+  ranking puts them above or below filters outside the block. Against a reference with a tie
+  block, a random ranking therefore scores below ``chance_distance(C)`` (the block's internal
+  order is adopted from the snapshot).
 
 Chance level. ``chance_distance(C)`` is the expected (normalised) distance of a uniformly random
 ranking: E F = sum_i (1/i) (1/C) sum_j |ln i - ln j|. Normalised it is 0.50 (C = 2), 0.71 (C = 16),
@@ -133,7 +152,8 @@ def _normalise(raw, c: int, normalize: bool):
 
 
 def filter_distance(ref_scores, snap_scores, normalize: bool = True) -> float:
-    """F(sigma) between the ranking of ``ref_scores`` (the reference R) and of ``snap_scores`` (R^).
+    """F(sigma) between the ranking of ``ref_scores`` (the reference R) and of ``snap_scores`` (R^),
+    ties ordered as the other vector orders them (module notes, "Ties").
 
     ``normalize``: divide by :func:`reversed_distance` of the width (see the module notes: a scale
     in which reversed = 1, not an upper bound)."""
@@ -141,8 +161,33 @@ def filter_distance(ref_scores, snap_scores, normalize: bool = True) -> float:
     snap = _scores(snap_scores, "snap_scores")
     if ref.shape != snap.shape:
         raise ValueError(f"ref_scores has {ref.size} filters, snap_scores {snap.size}")
-    sigma = rank_positions(snap)[ranking(ref)]
-    return float(_normalise(_raw_from_sigma(sigma), ref.size, normalize))
+    return float(_normalise(_raw_from_sigma(_sigma(ref, snap)), ref.size, normalize))
+
+
+def _order_by(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
+    """Indices sorted by ``primary`` descending, ties by ``secondary`` descending, then by index
+    (along the last axis; the two arrays broadcast)."""
+    primary, secondary = np.broadcast_arrays(primary, secondary)
+    return np.lexsort((-secondary, -primary), axis=-1)  # lexsort is stable: index order last
+
+
+def _positions(order: np.ndarray) -> np.ndarray:
+    pos = np.empty_like(order)
+    np.put_along_axis(pos, order, np.broadcast_to(np.arange(1, order.shape[-1] + 1), order.shape), axis=-1)
+    return pos
+
+
+def _sigma(ref: np.ndarray, snap: np.ndarray) -> np.ndarray:
+    """sigma(i) for every reference rank i, ties broken by the other vector (module notes, "Ties");
+    ``ref`` and ``snap`` broadcast to (..., C)."""
+    ref_order = _order_by(ref, snap)
+    snap_pos = _positions(_order_by(snap, ref))
+    return np.take_along_axis(snap_pos, ref_order, axis=-1)
+
+
+def _has_ties(h: np.ndarray) -> np.ndarray:
+    """Per row of a (T, C) array: does any score occur twice?"""
+    return (np.diff(np.sort(h, axis=-1), axis=-1) == 0).any(axis=-1)
 
 
 def distance_to_reference(history, ref, normalize: bool = True) -> np.ndarray:
@@ -151,7 +196,7 @@ def distance_to_reference(history, ref, normalize: bool = True) -> np.ndarray:
     r = _scores(ref, "ref")
     if r.size != h.shape[1]:
         raise ValueError(f"reference has {r.size} filters, history rows have {h.shape[1]}")
-    sigma = rank_positions(h)[:, ranking(r)]  # (T, C): rank at snapshot t of the reference's rank-i filter
+    sigma = _sigma(r[None, :], h)  # (T, C): rank at snapshot t of the reference's rank-i filter
     return _normalise(_raw_from_sigma(sigma), r.size, normalize)
 
 
@@ -159,10 +204,17 @@ def distance_matrix(history, normalize: bool = True) -> np.ndarray:
     """``D[a, b] = filter_distance(history[a], history[b])`` for every pair of rows of a ``(T, C)``
     history: row ``a`` is the reference, column ``b`` the snapshot. Zero diagonal; not symmetric."""
     h = _history(history)
-    order = ranking(h)          # (T, C)
+    order = ranking(h)          # (T, C); without ties in a pair, the index rule is never used
     pos = rank_positions(h)     # (T, C)
+    tied = np.nonzero(_has_ties(h))[0]
     t = h.shape[0]
     out = np.empty((t, t), dtype=np.float64)
     for a in range(t):
-        out[a] = _raw_from_sigma(pos[:, order[a]])
+        if a in tied:  # the reference's tie order depends on each snapshot
+            out[a] = _raw_from_sigma(_sigma(h[a][None, :], h))
+            continue
+        sigma = pos[:, order[a]]
+        if tied.size:  # snapshots with ties: their tie order follows reference a
+            sigma[tied] = _sigma(h[a][None, :], h[tied])
+        out[a] = _raw_from_sigma(sigma)
     return _normalise(out, h.shape[1], normalize)
