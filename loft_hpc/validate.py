@@ -2,11 +2,68 @@
 
 Everything that could otherwise fail after the ranks have started talking is checked here and
 reported as one :class:`ConfigError` line: data files, model/partition compatibility, batch
-sizes against the samples per rank, and the inputs each requested stage needs.
+sizes against the samples per rank, schedule points (learning-rate milestones, rewind and
+snapshot steps) against the length of their stage, and the inputs each requested stage needs.
 """
 from __future__ import annotations
 
 from loft_hpc.config import ConfigError, JobConfig
+from loft_hpc.config.steps import Step
+
+
+def samples_per_rank(n_train: int, world: int, shard: bool) -> int:
+    """Training samples one rank iterates per epoch, as :class:`loft_hpc.train.stream.BatchStream`:
+    ``n_train // world`` with a shard per rank, else the whole set."""
+    return n_train // world if shard else n_train
+
+
+def batches_per_epoch(n_train: int, batch_size: int, world: int, shard: bool) -> int:
+    """Batches per epoch of every rank, exactly as :class:`loft_hpc.train.stream.BatchStream`
+    (``drop_last``): ``samples_per_rank // batch_size``. The one place validation turns epochs
+    into steps; ``shard`` is the sharding of the stage being checked."""
+    return samples_per_rank(n_train, world, shard) // batch_size
+
+
+def _steps_text(step: Step, bpe: int) -> str:
+    return f"{step}" if step.unit == "it" else f"{step} ({step.iterations(bpe)} steps)"
+
+
+def _check_before_end(key: str, points: list[Step], duration: Step, bpe: int, stage: str, hint: str = "") -> None:
+    total = duration.iterations(bpe)
+    length = f"{total} steps" + (f" = {duration}" if duration.unit == "ep" else "")
+    for p in points:
+        if p.iterations(bpe) >= total:
+            raise ConfigError(f"{key}: {_steps_text(p, bpe)} is at or beyond the end of {stage} ({length}){hint}")
+
+
+def check_schedule_points(cfg: JobConfig, n_train: int, world: int, stages: list[str]) -> None:
+    """Reject a learning-rate milestone or a rewind/snapshot step at or beyond the end of its stage
+    (a milestone there never decays the learning rate; a snapshot there is never written).
+
+    Checked for the stages that use them: ``train.milestones`` and ``output.snapshot_weights``
+    with pretraining, ``prune.rewind`` / ``prune.mask_from`` (steps of pretraining) with
+    pretraining or pruning, ``retrain.milestones`` with retraining or IMP (``prune.levels`` > 1,
+    whose levels are retrained). Milestones count only under ``schedule: multistep``.
+    ``n_train`` is the size of the training set; epochs are converted with
+    :func:`batches_per_epoch` of each stage.
+    """
+    bs, shard = cfg.data.batch_size, cfg.data.shard
+    t, r, p = cfg.train, cfg.retrain, cfg.prune
+    # the sharding of each stage: every stage follows data.shard today
+    pre_bpe = batches_per_epoch(n_train, bs, world, shard)
+    re_bpe = batches_per_epoch(n_train, bs, world, shard)
+    if "pretrain" in stages:
+        if t.schedule == "multistep":
+            _check_before_end("train.milestones", t.milestones, t.duration, pre_bpe, "pretraining")
+        _check_before_end("output.snapshot_weights", cfg.output.snapshot_weights, t.duration, pre_bpe, "pretraining",
+                          " (the end of pretraining is pretrain.h5 itself)")
+    if "pretrain" in stages or "prune" in stages:
+        for key, value in (("prune.rewind", p.rewind), ("prune.mask_from", p.mask_from)):
+            if value not in ("init", "end"):
+                _check_before_end(key, [Step.parse(value)], t.duration, pre_bpe, "pretraining",
+                                  f" (use {key}=end for the end of pretraining)")
+    if ("retrain" in stages or ("prune" in stages and p.levels > 1)) and r.schedule == "multistep":
+        _check_before_end("retrain.milestones", r.milestones, r.duration, re_bpe, "retraining")
 
 
 def validate_job(cfg: JobConfig, world: int, stages: list[str]):
@@ -27,9 +84,10 @@ def validate_job(cfg: JobConfig, world: int, stages: list[str]):
         msg = check_partitionable(groups, world)
         if msg:
             raise ConfigError(f"train.method=loft: {msg}")
-    n = len(bundle.train) // world if cfg.data.shard else len(bundle.train)
-    if cfg.data.batch_size > n:
+    if batches_per_epoch(len(bundle.train), cfg.data.batch_size, world, cfg.data.shard) < 1:
+        n = samples_per_rank(len(bundle.train), world, cfg.data.shard)
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {n} training samples per rank")
+    check_schedule_points(cfg, len(bundle.train), world, stages)
     if cfg.prune.method == "structured" and cfg.prune.groups == "partitioned" and not any(g.partitioned for g in groups) \
             and "prune" in stages:
         raise ConfigError("prune.groups=partitioned: the model has no partitioned filter group "

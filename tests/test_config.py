@@ -1,5 +1,6 @@
 """The typed job configuration: shipped configs, help text, overrides, one-line errors, YAML round
-trip, ``Step`` and the learning-rate schedules (all in-process, no training)."""
+trip, ``Step``, the learning-rate schedules and schedule points against the length of their stage
+(all in-process, no training, except one CLI run that ends in validation)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +13,7 @@ import yaml
 from loft_hpc.config import SECTIONS, ConfigError, JobConfig, Step, config_from_dict, config_to_yaml, load_config
 from loft_hpc.stages.common import lr_function
 from loft_hpc.train.schedule import lr_at
+from loft_hpc.validate import batches_per_epoch, check_schedule_points
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -84,9 +86,11 @@ def test_paper_settings(path):
     assert t.weight_decay == pytest.approx(1e-5)
     assert t.duration == Step(20, "ep")
     assert t.schedule == "multistep" and t.gamma == pytest.approx(0.1)
+    # the release's milestones (3800/7600/11400 syncs of K = 15) lie beyond 20 epochs: ours are
+    # 50% and 75% of pretraining (the YAML comment says so)
+    assert t.milestones == [Step(10, "ep"), Step(15, "ep")]
+    assert "3800, 7600, 11400 syncs" in path.read_text()
     if imagenet:
-        # lr / 10 after 3800, 7600, 11400 syncs of K = 15 local steps
-        assert t.milestones == [Step(3800 * 15, "it"), Step(7600 * 15, "it"), Step(11400 * 15, "it")]
         assert cfg.model.arch == "preresnet18" and cfg.model.stem == "imagenet"
     else:
         assert cfg.model.arch in ("preresnet34", "resnet34")
@@ -474,16 +478,6 @@ def test_lr_multistep_iterations_mixed_and_unsorted():
     assert lr_at(50, base=0.5, schedule="multistep", milestones=[], gamma=0.1, total=100, batches_per_epoch=7) == 0.5
 
 
-def test_lr_imagenet_milestones_in_syncs():
-    cfg = load_config(REPO / "configs" / "imagenet_preresnet18_loft2.yaml", ["data.root=/x"])
-    fn = lr_function(cfg.train)
-    bpe, total = 2502, 20 * 2502
-    assert fn(57000 - 1, total, bpe) == pytest.approx(0.1)
-    assert fn(57000, total, bpe) == pytest.approx(0.01)
-    assert fn(114000, total, bpe) == pytest.approx(1e-3)
-    assert fn(171000, total, bpe) == pytest.approx(1e-4)
-
-
 def test_lr_cosine():
     kw = dict(base=0.2, schedule="cosine", milestones=[], gamma=0.1, batches_per_epoch=10)
     assert lr_at(0, total=100, **kw) == pytest.approx(0.2)
@@ -506,3 +500,130 @@ def test_lr_function_follows_config_section():
                                 "retrain.gamma=0.5"])
     fn = lr_function(cfg.retrain)
     assert [fn(s, 60, 10) for s in (0, 19, 20, 39, 40)] == pytest.approx([0.4, 0.4, 0.2, 0.2, 0.1])
+
+
+# --- schedule points against the length of their stage (loft_hpc.validate) ---------------------
+# Epochs become steps only with the data set loaded, so these checks live in validate_job; here
+# they are called with a training-set size (the paper data sets are not on this machine).
+
+TRAIN_SIZE = {"cifar10": 50_000, "cifar100": 50_000, "imagenet": 1_281_167}
+ALL_STAGES = ["pretrain", "prune", "retrain"]
+
+
+def _points_err(overrides: list[str], n_train: int, world: int = 1, stages=ALL_STAGES, *needles: str) -> str:
+    cfg = config_from_dict({}, overrides)
+    with pytest.raises(ConfigError) as exc:
+        check_schedule_points(cfg, n_train, world, stages)
+    msg = str(exc.value)
+    assert msg and "\n" not in msg, repr(msg)
+    for n in needles:
+        assert n in msg, (n, msg)
+    return msg
+
+
+@pytest.mark.parametrize("n,batch,world,shard", [(1348, 64, 1, False), (1348, 64, 4, False), (1348, 64, 4, True),
+                                                 (192, 16, 2, True), (1000, 7, 3, True), (50, 50, 1, False)])
+def test_batches_per_epoch_is_the_streams(n, batch, world, shard):
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from loft_hpc.train.stream import BatchStream
+
+    ds = TensorDataset(torch.zeros(n, 1))
+    for rank in range(world):
+        s = BatchStream(ds, batch, seed=0, rank=rank, world=world, shard=shard)
+        assert batches_per_epoch(n, batch, world, shard) == s.batches_per_epoch
+
+
+def test_release_imagenet_milestones_are_rejected():
+    # the release's milestones on the ImageNet config: 20 epochs of 2502 batches = 50,040 steps
+    cfg = _load(REPO / "configs" / "imagenet_preresnet18_loft4.yaml",
+                ["train.milestones=[57000it, 114000it, 171000it]"])
+    with pytest.raises(ConfigError) as exc:
+        check_schedule_points(cfg, TRAIN_SIZE["imagenet"], 4, ALL_STAGES)
+    assert str(exc.value) == "train.milestones: 57000it is at or beyond the end of pretraining (50040 steps = 20ep)"
+
+
+# 1,000 samples of batch 100: 10 batches per epoch
+@pytest.mark.parametrize("overrides,stages,message", [
+    (["train.schedule=multistep", "train.duration=2ep", "train.milestones=[5it, 20it]"], ["pretrain"],
+     "train.milestones: 20it is at or beyond the end of pretraining (20 steps = 2ep)"),
+    (["train.schedule=multistep", "train.duration=25it", "train.milestones=[3ep]"], ["pretrain"],
+     "train.milestones: 3ep (30 steps) is at or beyond the end of pretraining (25 steps)"),
+    (["retrain.schedule=multistep", "retrain.duration=4ep", "retrain.milestones=[1ep, 4ep]"], ["retrain"],
+     "retrain.milestones: 4ep (40 steps) is at or beyond the end of retraining (40 steps = 4ep)"),
+    # IMP retrains every level with the retraining schedule
+    (["retrain.schedule=multistep", "retrain.duration=4ep", "retrain.milestones=[50it]", "prune.levels=3"], ["prune"],
+     "retrain.milestones: 50it is at or beyond the end of retraining (40 steps = 4ep)"),
+    (["train.duration=3ep", "prune.rewind=3ep"], ["prune"],
+     "prune.rewind: 3ep (30 steps) is at or beyond the end of pretraining (30 steps = 3ep)"),
+    (["train.duration=3ep", "prune.rewind=31it"], ["pretrain"], "prune.rewind: 31it is at or beyond"),
+    (["train.duration=3ep", "output.snapshot_weights=[5it, 4ep]", "prune.mask_from=4ep"], ["prune", "retrain"],
+     "prune.mask_from: 4ep (40 steps) is at or beyond the end of pretraining (30 steps = 3ep)"),
+    (["train.duration=30it", "output.snapshot_weights=[1ep, 3ep]"], ["pretrain"],
+     "output.snapshot_weights: 3ep (30 steps) is at or beyond the end of pretraining (30 steps)"),
+])
+def test_schedule_point_at_or_beyond_the_end_is_rejected(overrides, stages, message):
+    msg = _points_err(["data.batch_size=100", *overrides], 1000, 1, stages)
+    assert msg.startswith(message), msg
+    key = message.split(":")[0]
+    if key in ("prune.rewind", "prune.mask_from"):
+        assert msg.endswith(f"(use {key}=end for the end of pretraining)"), msg
+
+
+@pytest.mark.parametrize("overrides,stages", [
+    (["train.schedule=multistep", "train.duration=2ep", "train.milestones=[19it, 1ep]"], ALL_STAGES),
+    (["retrain.schedule=multistep", "retrain.duration=4ep", "retrain.milestones=[39it]"], ALL_STAGES),
+    (["train.duration=3ep", "prune.rewind=29it", "output.snapshot_weights=[2ep, 29it]", "prune.mask_from=29it"], ALL_STAGES),
+    # points that no requested stage uses are not checked ...
+    (["train.schedule=multistep", "train.duration=2ep", "train.milestones=[3ep]"], ["retrain"]),
+    (["train.duration=1ep", "output.snapshot_weights=[2ep]"], ["prune", "retrain"]),
+    (["retrain.schedule=multistep", "retrain.duration=1ep", "retrain.milestones=[2ep]"], ["pretrain", "prune"]),
+    # ... nor milestones of a schedule that has none
+    (["train.schedule=cosine", "train.duration=2ep", "train.milestones=[3ep]"], ALL_STAGES),
+])
+def test_schedule_points_inside_their_stage_are_accepted(overrides, stages):
+    check_schedule_points(config_from_dict({}, ["data.batch_size=100", *overrides]), 1000, 1, stages)
+
+
+def test_epoch_points_follow_the_shard():
+    # 1,000 samples over 4 ranks of batch 50: 20 batches per epoch, 5 with data.shard
+    over = ["data.batch_size=50", "train.schedule=multistep", "train.duration=100it", "train.milestones=[4ep]"]
+    check_schedule_points(config_from_dict({}, over), 1000, 4, ["pretrain"])  # 80 < 100
+    _points_err([*over, "train.duration=1ep"], 1000, 4, ["pretrain"], "train.milestones: 4ep (80 steps)")
+    check_schedule_points(config_from_dict({}, [*over, "data.shard=true", "train.duration=5ep"]), 1000, 4, ["pretrain"])
+    _points_err([*over, "data.shard=true", "train.duration=20it"], 1000, 4, ["pretrain"], "4ep (20 steps)", "(20 steps)")
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.name)
+def test_shipped_paper_configs_schedule_points_validate(path):
+    cfg = _load(path)
+    world = int(path.stem[-1])
+    for w in sorted({1, world}):
+        check_schedule_points(cfg, TRAIN_SIZE[cfg.data.name], w, ALL_STAGES)
+    if cfg.data.name == "imagenet":  # the milestones really fall inside pretraining now
+        bpe = batches_per_epoch(TRAIN_SIZE["imagenet"], 512, world, cfg.data.shard)
+        assert bpe == 2502
+        assert [m.iterations(bpe) for m in cfg.train.milestones] == [25020, 37530]
+        assert all(m.iterations(bpe) < cfg.train.duration.iterations(bpe) for m in cfg.train.milestones)
+
+
+def test_shipped_default_config_validates():
+    from loft_hpc.validate import validate_job
+
+    cfg = load_config(DEFAULT)
+    for world in (1, 4):  # the embedded digits: the whole-job check, data loaded
+        validate_job(cfg, world, ALL_STAGES)
+
+
+def test_bad_milestone_on_the_cli_exits_2_with_one_line(tmp_path):
+    from tests.mpi_util import run_job
+
+    # digits: 1,348 training images of batch 64 = 21 batches per epoch; 12 epochs = 252 steps
+    p = run_job(0, ["--stage", "pretrain", "train.schedule=multistep", "train.milestones=[100it, 12ep]",
+                    f"output.dir={tmp_path / 'out'}"], timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = p.stderr.splitlines()
+    assert lines == ["loft_hpc: error: train.milestones: 12ep (252 steps) is at or beyond the end of pretraining "
+                     "(252 steps = 12ep)"], p.stderr
+    assert not (tmp_path / "out" / "pretrain.h5").exists()

@@ -1,8 +1,12 @@
 """The job configuration: one dataclass per concern, help text and range check beside each field.
 
-``opt(default, help, check=..., choices=...)`` declares a field; :mod:`loft_hpc.config.load`
-reads YAML into these classes, type-checks and range-checks every field, then checks the job as a
-whole (with the world size) in :func:`loft_hpc.config.validate.validate_job`.
+``opt(default, help, check=..., choices=...)`` declares a field. :mod:`loft_hpc.config.load` reads
+YAML and ``section.key=value`` overrides into these classes, type-checks and range-checks every
+field, and checks the fields that depend on each other without the world size (steps, rewind and
+``mask_from`` values, ticket names, ``data.root``). The job as a whole (data files, filter groups
+against the world size, batch size against the samples per rank, milestones and rewind/snapshot
+steps against the length of their stage, inputs of the requested stages) is checked on every rank,
+with the data set loaded, by :func:`loft_hpc.validate.validate_job` before any collective.
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""The Lottery Ticket Hypothesis paper's small models, and the pruning interface of every model.
+"""The Lottery Ticket Hypothesis paper's small models: LeNet-300-100, Conv-2/4/6 and VGG-19.
 
-:class:`GroupedModel` adds to :class:`~loft_hpc.models.base.GroupedModel` what unstructured
-pruning needs (``prunable_weights``, ``layer_kind``); every model of the package derives from it.
+Like every model of the package they derive from :class:`~loft_hpc.models.base.GroupedModel`,
+which gives unstructured pruning its interface (``prunable_weights``, ``layer_kind``); each model
+here states its ``filter_groups``. The LTH paper's ResNet-18 is ``resnet18_lth`` in
+:mod:`loft_hpc.models.resnet`.
 
 Models (Frankle & Carbin, ICLR 2019, Figure 2), all sized by ``width`` with 64 as the paper's size:
 
@@ -17,9 +19,12 @@ Models (Frankle & Carbin, ICLR 2019, Figure 2), all sized by ``width`` with 64 a
   size.
 
 Filter groups: one per hidden layer (each conv's output channels with bias / BN and the next
-layer's input; each hidden linear's output units). Input channels and output logits are never
-groups. The default rule (``loft``) partitions every group: each rank holds a subset of the
-channels of every hidden layer, input and output layers are shared.
+layer's input, for Conv-2/4/6's last conv a block of ``H*W`` flattened inputs of ``fc1`` per
+channel; each hidden linear's output units). Input channels and output logits are never groups.
+The default rule (``loft``) partitions every group: each rank holds a subset of the channels of
+every hidden layer, input and output layers are shared. Consecutive hidden layers are then both
+partitioned, so the weight between them is sliced on both dimensions and a rank trains only its
+diagonal block in a round (see :mod:`loft_hpc.exchange.shards` for the entries no rank trains).
 """
 from __future__ import annotations
 

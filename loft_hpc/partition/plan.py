@@ -1,9 +1,16 @@
 """Partition plans: which filters of every partitioned group each rank trains in a round.
 
-For round ``r`` and group ``g`` (index ``j`` in the model's group order) a random permutation
-of the group's ``C`` filters is drawn from ``(seed, 'partition', r, j)`` and dealt round-robin:
-rank ``s`` gets ``perm[s::S]``, sorted. The plan is a pure function of (seed, round, groups, S):
-every rank computes the same plan without communicating.
+``PartitionPlan.draw(seed, r, groups, S)`` deals, for round ``r``, each partitioned group ``g``
+of ``groups``: a random permutation ``perm`` of its ``C`` filters is drawn with
+``torch.randperm(C, generator=generator(seed, 'partition', r, j))``
+(:func:`loft_hpc.utils.seeding.generator`), where ``j`` is ``g``'s index in the list ``groups``
+as passed (the LoFT trainer passes the model's partitioned groups only, in
+``filter_groups()`` order, so ``j`` counts partitioned groups; a group in the list that is not
+partitioned is skipped but still takes an index). The permutation is dealt round-robin: rank
+``s`` gets ``perm[s::S]``, sorted ascending, so the shares are disjoint, cover the group, and
+have :func:`share_size` filters (sizes differ by at most one, the lower ranks taking the extra
+filters). The plan is a pure function of (seed, round, groups, S): every rank computes the same
+plan without communicating, and a fresh one is drawn every round.
 """
 from __future__ import annotations
 
@@ -31,6 +38,9 @@ def check_partitionable(groups: list[FilterGroup], world: int) -> str | None:
 
 @dataclass(frozen=True)
 class PartitionPlan:
+    """The deal of one round (see the module docstring); ``keep(rank)`` is what that rank's
+    sub-network holds: group name -> sorted 1-D long tensor of filter indices."""
+
     round: int
     world: int
     assignment: dict[str, tuple[torch.Tensor, ...]]  # group -> per-rank sorted filter indices
