@@ -73,12 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     from loft_hpc.utils.dist import init_mpi
     from loft_hpc.utils.log import error_line
 
-    err, cfg, stages = None, None, []
+    # Before the first collective every failure, expected (ConfigError) or not, is caught on the
+    # rank where it happens and agreed over MPI: every rank ends with one line and exit 2 (bad
+    # input) or 1 (an unexpected error, named with its type), never a hang or a traceback wall.
+    err, code, cfg, stages = None, EXIT_CONFIG, None, []
     try:
         cfg = load_config(args.config or default_config_path(), args.overrides)
         stages = parse_stages(args.stage)
     except ConfigError as e:
         err = str(e)
+    except Exception as e:  # noqa: BLE001 - reported as one line below
+        err, code = _one_line(e), 1
     try:
         dist = init_mpi(cfg.train.device if cfg else "cpu", cfg.train.threads if cfg else 1)
     except RuntimeError as e:
@@ -91,20 +96,32 @@ def main(argv: list[str] | None = None) -> int:
             bundle = validate_job(cfg, dist.size, stages)
         except ConfigError as e:
             err = str(e)
-    errors = dist.agree_errors(err)  # collective (mpi4py), before any Horovod collective
+        except Exception as e:  # noqa: BLE001
+            err, code = _one_line(e), 1
+    errors = dist.agree_errors(None if err is None else f"{code}:{err}")  # collective (mpi4py), before any Horovod collective
     if errors:
+        codes = {int(m.split(":", 1)[0]) for _, m in errors}
         if dist.is_root:
             seen = set()
             for r, m in errors:
+                m = m.split(":", 1)[1]
                 if m not in seen:
                     seen.add(m)
                     error_line(m if len(errors) == dist.size else f"rank {r}: {m}")
-        return EXIT_CONFIG
+        return EXIT_CONFIG if codes == {EXIT_CONFIG} else 1
     if args.print_config:
         if dist.is_root:
             print(config_to_yaml(cfg), end="")
         return 0
     return run_stages(cfg, dist, stages, bundle)
+
+
+def _one_line(e: BaseException) -> str:
+    """An unexpected exception as one line: its type and the first line of its message."""
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({e.reason} at byte {e.start})"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def run_stages(cfg, dist, stages, bundle) -> int:
@@ -125,10 +142,9 @@ def run_stages(cfg, dist, stages, bundle) -> int:
     try:
         start_horovod(dist)
         if dist.is_root:
-            paths.root.mkdir(parents=True, exist_ok=True)
-            tmp = paths.config.with_name(f".config.yaml.{os.getpid()}")
-            tmp.write_text(config_to_yaml(cfg))
-            os.replace(tmp, paths.config)  # concurrent jobs on one folder (snapshot arrays) never see half a file
+            written = paths.save_config(config_to_yaml(cfg))
+            if written != paths.config:
+                log(f"config: {paths.config.name} holds another config; this job's is {written.name}", rank=0)
         ctx = Context(cfg, dist, Collectives(dist.size), paths, stop, bundle.train, bundle.test)
         log(f"job: stages {','.join(stages)} on {dist.size} rank(s), device {dist.device}, output {paths.root}", rank=dist.rank)
         if "pretrain" in stages:
@@ -152,7 +168,14 @@ def run_stages(cfg, dist, stages, bundle) -> int:
         return 0
     except StopForRequeue:
         return EXIT_REQUEUE
-    except (CheckpointError, MaskError) as e:
+    except CheckpointError as e:
+        if getattr(e, "agreed", False):  # every rank raised it at the same point: one line, exit 2
+            if dist.is_root:
+                error_line(str(e))
+            return EXIT_CONFIG
+        error_line(f"rank {dist.rank}: {e}")
+        dist.abort(EXIT_CONFIG)
+    except MaskError as e:
         error_line(f"rank {dist.rank}: {e}")
         dist.abort(EXIT_CONFIG)
     except Exception:

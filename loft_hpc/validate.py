@@ -24,6 +24,14 @@ def batches_per_epoch(n_train: int, batch_size: int, world: int, shard: bool) ->
     return samples_per_rank(n_train, world, shard) // batch_size
 
 
+def pretrain_shards(cfg: JobConfig) -> bool:
+    """Whether pretraining splits the training set across ranks: always for the dense
+    (data-parallel) baseline, for LoFT only with ``data.shard`` (the paper lets every rank
+    iterate the whole set). Retraining and IMP levels always shard. Mirrors the trainers
+    (:class:`loft_hpc.train.dense.DenseTrainer`, :class:`loft_hpc.train.loft.LoftTrainer`)."""
+    return cfg.train.method == "dense" or cfg.data.shard
+
+
 def _steps_text(step: Step, bpe: int) -> str:
     return f"{step}" if step.unit == "it" else f"{step} ({step.iterations(bpe)} steps)"
 
@@ -47,11 +55,10 @@ def check_schedule_points(cfg: JobConfig, n_train: int, world: int, stages: list
     ``n_train`` is the size of the training set; epochs are converted with
     :func:`batches_per_epoch` of each stage.
     """
-    bs, shard = cfg.data.batch_size, cfg.data.shard
+    bs = cfg.data.batch_size
     t, r, p = cfg.train, cfg.retrain, cfg.prune
-    # the sharding of each stage: every stage follows data.shard today
-    pre_bpe = batches_per_epoch(n_train, bs, world, shard)
-    re_bpe = batches_per_epoch(n_train, bs, world, shard)
+    pre_bpe = batches_per_epoch(n_train, bs, world, pretrain_shards(cfg))
+    re_bpe = batches_per_epoch(n_train, bs, world, True)  # retraining and IMP levels: data parallel
     if "pretrain" in stages:
         if t.schedule == "multistep":
             _check_before_end("train.milestones", t.milestones, t.duration, pre_bpe, "pretraining")
@@ -59,6 +66,8 @@ def check_schedule_points(cfg: JobConfig, n_train: int, world: int, stages: list
                           " (the end of pretraining is pretrain.h5 itself)")
     if "pretrain" in stages or "prune" in stages:
         for key, value in (("prune.rewind", p.rewind), ("prune.mask_from", p.mask_from)):
+            if value not in ("init", "end") and Step.parse(value).iterations(pre_bpe) == 0:
+                raise ConfigError(f"{key}: {value} is the start of pretraining: use {key}=init (theta_0)")
             if value not in ("init", "end"):
                 _check_before_end(key, [Step.parse(value)], t.duration, pre_bpe, "pretraining",
                                   f" (use {key}=end for the end of pretraining)")
@@ -84,9 +93,24 @@ def validate_job(cfg: JobConfig, world: int, stages: list[str]):
         msg = check_partitionable(groups, world)
         if msg:
             raise ConfigError(f"train.method=loft: {msg}")
-    if batches_per_epoch(len(bundle.train), cfg.data.batch_size, world, cfg.data.shard) < 1:
-        n = samples_per_rank(len(bundle.train), world, cfg.data.shard)
-        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {n} training samples per rank")
+    sharded = []
+    if "pretrain" in stages:
+        sharded.append(("pretraining", pretrain_shards(cfg)))
+    if "retrain" in stages or ("prune" in stages and cfg.prune.levels > 1):
+        sharded.append(("retraining", True))
+    for what, shard in sharded:
+        if batches_per_epoch(len(bundle.train), cfg.data.batch_size, world, shard) < 1:
+            n = samples_per_rank(len(bundle.train), world, shard)
+            raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {n} training samples per rank "
+                              f"of {what} on {world} ranks")
+    if "prune" in stages and cfg.prune.method == "unstructured":
+        kinds = {model.layer_kind(n) for n in model.prunable_weights()}
+        rates = {"conv": cfg.prune.conv_rate, "fc": cfg.prune.fc_rate}
+        prunable = any(rates[k] > 0 for k in kinds) if cfg.prune.scope == "layerwise" else \
+            ("conv" in kinds or cfg.prune.fc_rate > 0)  # global: conv layers, fc ones when fc_rate > 0
+        if not prunable:
+            raise ConfigError(f"prune.conv_rate={cfg.prune.conv_rate}, prune.fc_rate={cfg.prune.fc_rate}: "
+                              f"nothing of {cfg.model.arch} ({', '.join(sorted(kinds))} layers) would be pruned")
     check_schedule_points(cfg, len(bundle.train), world, stages)
     if cfg.prune.method == "structured" and cfg.prune.groups == "partitioned" and not any(g.partitioned for g in groups) \
             and "prune" in stages:

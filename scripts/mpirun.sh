@@ -21,4 +21,13 @@ export HOROVOD_STALL_SHUTDOWN_TIME_SECONDS="${HOROVOD_STALL_SHUTDOWN_TIME_SECOND
 env_args=(-x OMP_NUM_THREADS -x HOROVOD_STALL_CHECK_TIME_SECONDS -x HOROVOD_STALL_SHUTDOWN_TIME_SECONDS -x PATH)
 [ -n "${PYTHONPATH:-}" ] && env_args+=(-x PYTHONPATH)
 [ -n "${LOFT_FAULT_INJECT:-}" ] && env_args+=(-x LOFT_FAULT_INJECT)
-exec mpirun "${extra[@]}" "${env_args[@]}" "$@"
+# --quiet: no "Primary job terminated normally, but 1 process returned a non-zero exit code"
+# banner on a clean non-zero exit (2 bad input, 3 checkpointed for requeue): the program has
+# already said what happened in one line. mpirun then says nothing about a rank that was
+# killed, so this script does (exit 128+N).
+rc=0
+mpirun --quiet "${extra[@]}" "${env_args[@]}" "$@" || rc=$?
+if [ "$rc" -gt 128 ]; then
+  echo "loft_hpc: error: a rank of the job ended on signal $((rc - 128)) (mpirun exit $rc): killed (out of memory, scancel, node failure?); the other ranks were stopped" >&2
+fi
+exit "$rc"

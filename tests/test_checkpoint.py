@@ -26,13 +26,16 @@ def sample_runfile() -> RunFile:
     return RunFile(
         stage="pretrain", config_yaml="train:\n  seed: 1\n", arch="preresnet18", world_size=2, seed=1, model=model,
         progress={"step": 40, "round": 10, "epoch": 2, "wall_time": 1.5},
-        momentum={"conv.weight": torch.randn(4, 3, 3, 3, generator=g)}, rng=[rng_state(), rng_state()],
+        momentum={"conv.weight": torch.randn(4, 3, 3, 3, generator=g)},
+        ranks=[dict(rng_state(), bytes_sent=10 + r, bytes_received=20 + r, comm_seconds=0.5, run_stats=np.array([1.5, 2, 3.0]),
+                    buffers={"bn.running_mean": torch.full((4,), float(r))}) for r in range(2)],
+        identity={"kind": "pretrain", "config": {"train.lr": 0.1}, "inputs": {}},
         init={k: v.clone() for k, v in model.items()},
         masks={"conv.weight": torch.rand(4, 3, 3, 3, generator=g) > 0.5}, mask_attrs={"ratio": 0.5},
         snap_index=[(0, 0, 0), (8, 2, 0)],
         snap_scores={"layer2.1.inner": {"l2": [np.arange(4.0), np.arange(4.0) + 1], "l1": [np.ones(4), np.zeros(4)]}},
-        weight_snapshots={"2ep": "snapshots/weights@2ep.h5"},
-        metrics=[{"step": 8, "round": 2, "epoch": 0.5, "loss": 1.0, "train_acc": 0.5, "test_loss": 1.1,
+        weight_snapshots={"2ep": "snapshots/weights@16it.h5"},
+        metrics=[{"step": 8, "round": 2, "epoch": 0.5, "step_loss": 1.0, "step_acc": 0.6, "train_loss": 0.9, "train_acc": 0.5, "test_loss": 1.1,
                   "test_acc": 0.4, "lr": 0.1, "bytes_sent": 10, "bytes_received": 20, "wall_time": 0.3}],
         comm=[{"round": 1, "step": 4, "rank": r, "allgather_sent": 100 + r, "allgather_received": 101,
                "allreduce_sent": 50, "allreduce_received": 50, "seconds": 0.01} for r in range(2)],
@@ -48,7 +51,12 @@ def test_round_trip_every_field(tmp_path):
         a, b = getattr(rf, name), getattr(back, name)
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(back.masks["conv.weight"], rf.masks["conv.weight"])
-    assert back.rng[1]["numpy"] == rf.rng[1]["numpy"] and torch.equal(back.rng[0]["torch"], rf.rng[0]["torch"])
+    assert back.ranks[1]["numpy"] == rf.ranks[1]["numpy"] and torch.equal(back.ranks[0]["torch"], rf.ranks[0]["torch"])
+    assert [(x["bytes_sent"], x["bytes_received"]) for x in back.ranks] == [(10, 20), (11, 21)]
+    assert np.array_equal(back.ranks[1]["run_stats"], [1.5, 2, 3.0])
+    assert torch.equal(back.ranks[1]["buffers"]["bn.running_mean"], torch.ones(4))
+    assert back.identity == rf.identity
+    assert back.metrics[0]["step_loss"] == 1.0 and back.metrics[0]["train_loss"] == 0.9
     assert back.snap_index == rf.snap_index
     assert np.array_equal(back.snap_scores["layer2.1.inner"]["l2"][1], np.arange(4.0) + 1)
     assert back.metrics[0]["test_acc"] == pytest.approx(0.4) and back.comm[1]["allgather_sent"] == 101
@@ -127,14 +135,79 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_killed_and_resumed_equals_uninterrupted(tmp_path, uninterrupted):
+    """Killed after the checkpoint at step 8, which is not an evaluation step (those are 16, 32):
+    the running loss sums and every rank's byte counters must come back from the checkpoint for
+    the /metrics row at 16 to equal the uninterrupted one."""
     out = tmp_path / "killed"
-    p = run_job(2, ["--stage", "pretrain", *RESUME, f"output.dir={out}"], env={"LOFT_FAULT_INJECT": "1:5"})
-    assert p.returncode != 0 and "injected fault" in p.stderr
+    p = run_job(2, ["--stage", "pretrain", *RESUME, f"output.dir={out}"], env={"LOFT_FAULT_INJECT": "1:3"})
+    assert p.returncode == 1 and "injected fault" in p.stderr
     assert not (out / "pretrain.h5").exists()
-    assert RunPaths(out).latest("pretrain").name == "ckpt-0000000016.h5"  # rounds 1-4 done, checkpoint at 16it
+    assert RunPaths(out).latest("pretrain").name == "ckpt-0000000008.h5"  # rounds 1-2 done, checkpoint at 8it
+    ck = read_run_file(RunPaths(out).latest("pretrain"))
+    assert all(r["run_stats"][2] > 0 for r in ck.ranks)  # 8 steps of samples not yet in a row
+    sent = [r["bytes_sent"] for r in ck.ranks]
+    assert sent[0] != sent[1]  # uneven shards: the ranks' counters differ, each is restored
     p = ok(run_job(2, ["--stage", "pretrain", *RESUME, f"output.dir={out}"]))
-    assert "resumed from" in p.stdout and "at step 16/32" in p.stdout
+    assert "resumed from" in p.stdout and "at step 8/32" in p.stdout
     assert_same_run(uninterrupted, read_run_file(out / "pretrain.h5"))
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, uninterrupted):
+    out = tmp_path / "truncated"
+    p = run_job(2, ["--stage", "pretrain", *RESUME, f"output.dir={out}"], env={"LOFT_FAULT_INJECT": "0:7"})
+    assert p.returncode == 1
+    paths = RunPaths(out)
+    newest = paths.latest("pretrain")
+    assert [q.name for q in paths.checkpoints("pretrain")] == ["ckpt-0000000016.h5", "ckpt-0000000024.h5"]
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    p = ok(run_job(2, ["--stage", "pretrain", *RESUME, f"output.dir={out}"]))
+    warn = [line for line in p.stdout.splitlines() if "warning:" in line]
+    assert len(warn) == 1 and "ckpt-0000000024.h5" in warn[0] and "ckpt-0000000016.h5" in warn[0], p.stdout
+    assert "at step 16/32" in p.stdout
+    assert_same_run(uninterrupted, read_run_file(out / "pretrain.h5"))
+
+
+def test_dangling_latest_is_an_error_not_a_restart(tmp_path):
+    paths = RunPaths(tmp_path)
+    f = paths.ckpt("retrain_p50", 8)
+    write_run_file(f, sample_runfile())
+    paths.set_latest("retrain_p50", f, keep=2)
+    f.unlink()  # e.g. deleted by another job writing the same folder
+    with pytest.raises(CheckpointError, match="LATEST names ckpt-0000000008.h5, which does not exist") as e:
+        paths.latest("retrain_p50")
+    assert "\n" not in str(e.value)
+
+
+def test_latest_temp_name_is_unique_per_writer(tmp_path):
+    """Two writers of one folder never share the temporary pointer name (it carries host and pid)."""
+    paths = RunPaths(tmp_path)
+    f = paths.ckpt("s", 4)
+    write_run_file(f, sample_runfile())
+    seen = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        seen.append(os.path.basename(src))
+        return real_replace(src, dst)
+
+    os.replace = spy
+    try:
+        paths.set_latest("s", f, keep=2)
+    finally:
+        os.replace = real_replace
+    import socket
+
+    assert f".LATEST.{socket.gethostname()}.{os.getpid()}.tmp" in seen
+
+
+def test_files_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_run_file(tmp_path / "a.h5", sample_runfile())
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.h5").stat().st_mode & 0o777 == 0o644
 
 
 def test_sigusr1_checkpoints_exits_3_and_resumes_exactly(tmp_path, uninterrupted):

@@ -627,3 +627,36 @@ def test_bad_milestone_on_the_cli_exits_2_with_one_line(tmp_path):
     assert lines == ["loft_hpc: error: train.milestones: 12ep (252 steps) is at or beyond the end of pretraining "
                      "(252 steps = 12ep)"], p.stderr
     assert not (tmp_path / "out" / "pretrain.h5").exists()
+
+
+def test_data_parallel_stages_count_epochs_over_shards():
+    """Retraining, IMP levels and dense pretraining shard the data: on 4 ranks an epoch of 1,000
+    samples at batch 50 is 5 steps, not LoFT's 20."""
+    over = ["data.batch_size=50", "retrain.schedule=multistep", "retrain.duration=10it", "retrain.milestones=[1ep]"]
+    check_schedule_points(config_from_dict({}, over), 1000, 4, ["retrain"])  # 5 < 10
+    _points_err([*over, "retrain.duration=5it"], 1000, 4, ["retrain"], "retrain.milestones: 1ep (5 steps)")
+    dense = ["data.batch_size=50", "train.method=dense", "train.schedule=multistep", "train.duration=10it",
+             "train.milestones=[2ep]"]
+    _points_err(dense, 1000, 4, ["pretrain"], "train.milestones: 2ep (10 steps)")
+    # LoFT iterates the whole set on every rank: 2ep = 40 steps, beyond 10 as well, but the message says 40
+    _points_err([*dense, "train.method=loft"], 1000, 4, ["pretrain"], "train.milestones: 2ep (40 steps)")
+
+
+def test_rewind_to_step_zero_asks_for_init():
+    _points_err(["data.batch_size=100", "prune.rewind=0it"], 1000, 1, ["prune"],
+                "prune.rewind: 0it is the start of pretraining: use prune.rewind=init")
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["model.arch=lenet300_100", "prune.method=unstructured", "prune.fc_rate=0"], "prune.fc_rate=0.0: nothing of lenet300_100"),
+    (["model.arch=conv2", "prune.method=unstructured", "prune.conv_rate=0", "prune.fc_rate=0"], "nothing of conv2"),
+    (["model.arch=lenet300_100", "prune.method=unstructured", "prune.scope=global", "prune.fc_rate=0"], "nothing of lenet300_100"),
+])
+def test_unstructured_rates_that_prune_nothing_are_rejected(overrides, needle, tmp_path):
+    from loft_hpc.validate import validate_job
+
+    cfg = load_config(DEFAULT, ["data.name=synthetic", "data.synthetic_train_size=64", "data.batch_size=16",
+                                "model.inner_width_factor=1", f"output.dir={tmp_path}", *overrides])
+    with pytest.raises(ConfigError) as e:
+        validate_job(cfg, 1, ALL_STAGES)
+    assert needle in str(e.value), str(e.value)

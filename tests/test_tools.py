@@ -286,7 +286,7 @@ def test_filter_distance_cli(run_dir, tmp_path):
 
     # --group / --score / --raw and a reference file: the weight snapshot at epoch 2 (step 16)
     g = groups[3]
-    ref = run_dir / "snapshots" / "weights@2ep.h5"
+    ref = run_dir / "snapshots" / "weights@16it.h5"  # requested as 2ep, named by the step taken
     p = _run([TOOLS / "filter_distance.py", run, "--group", g, "--score", "l1", "--reference", ref])
     rows = _table_rows(p.stdout)
     assert len(rows) == len(idx) and all(len(r) == 4 for r in rows)

@@ -193,13 +193,13 @@ def test_evaluate_world1_matches_manual_loop(digits):
             out = model(x.unsqueeze(0))
             loss += F.cross_entropy(out, torch.tensor([y]), reduction="sum").item()
             correct += int(out.argmax(1).item() == y)
-    assert res["test_loss"] == pytest.approx(loss / len(test), rel=1e-5)
-    assert res["test_acc"] == pytest.approx(correct / len(test), abs=1e-12)
-    assert 0.0 <= res["test_acc"] <= 1.0
+    assert res["loss"] == pytest.approx(loss / len(test), rel=1e-5)
+    assert res["acc"] == pytest.approx(correct / len(test), abs=1e-12)
+    assert 0.0 <= res["acc"] <= 1.0
     # the batch size does not change the result (449 is divisible by neither)
     res2 = evaluate(model, test, rank=0, world=1, batch_size=64, device=torch.device("cpu"), coll=coll)
-    assert res2["test_acc"] == res["test_acc"]
-    assert res2["test_loss"] == pytest.approx(res["test_loss"], rel=1e-6)
+    assert res2["acc"] == res["acc"]
+    assert res2["loss"] == pytest.approx(res["loss"], rel=1e-6)
 
 
 class _Recorder(torch.nn.Module):
@@ -243,9 +243,9 @@ def test_evaluate_counts_every_sample_once(world):
     assert sorted(seen) == list(range(n))  # each sample on exactly one rank
     ref = evaluate(_Recorder(), ds, rank=0, world=1, batch_size=4, device=torch.device("cpu"), coll=Collectives(1))
     assert totals[2] == n
-    assert totals[1] / n == pytest.approx(ref["test_acc"])
-    assert totals[0] / n == pytest.approx(ref["test_loss"])
-    assert ref["test_acc"] == pytest.approx(sum(1 for i in range(n) if i % 5) / n)
+    assert totals[1] / n == pytest.approx(ref["acc"])
+    assert totals[0] / n == pytest.approx(ref["loss"])
+    assert ref["acc"] == pytest.approx(sum(1 for i in range(n) if i % 5) / n)
 
 
 def test_evaluate_detects_a_miscount():

@@ -126,9 +126,10 @@ def curve_figure(rf, groups: list[str], partitioned: set[str], score: str, axis_
         (lt,) = ax2.plot(xs, [m["test_loss"] for m in rows], "-s", color="black", lw=1.4, ms=4, alpha=0.8,
                          label="test loss")
         handles.append(lt)
-        train = [m.get("loss", np.nan) for m in rows]
+        # the assembled model's loss on the fixed training sample (not the sub-networks' step loss)
+        train = [m.get("train_loss", np.nan) for m in rows]
         if np.isfinite(train).any():
-            (lr_,) = ax2.plot(xs, train, "--", color="gray", lw=1.2, label="train loss")
+            (lr_,) = ax2.plot(xs, train, "--", color="gray", lw=1.2, label="train loss (full model)")
             handles.append(lr_)
         ax2.set_ylabel("loss")
         ax2.set_ylim(bottom=0)

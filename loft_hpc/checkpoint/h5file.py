@@ -2,7 +2,8 @@
 
 ``RunFile`` is the in-memory content of one file. Writes go to a temporary file in the same
 folder, which is closed and then renamed: a killed job never leaves a half-written file under
-the real name.
+the real name. The temporary file is flushed to disk (``fsync``) before the rename and the
+folder after it, so a file that has its real name survives a crash of the node.
 """
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ from loft_hpc.checkpoint.layout import COMM_FIELDS, FORMAT, FORMAT_VERSION, METR
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: the message is one line naming the file and the problem."""
+    """A checkpoint that cannot be used: the message is one line naming the file and the problem.
+    ``agreed``: every rank raised it with the same message (rank 0 prints it, no abort needed)."""
+
+    def __init__(self, message: str, agreed: bool = False) -> None:
+        super().__init__(message)
+        self.agreed = agreed
 
 
 @dataclass
@@ -33,7 +39,8 @@ class RunFile:
     model: dict[str, torch.Tensor]
     progress: dict = field(default_factory=dict)
     momentum: dict[str, torch.Tensor] = field(default_factory=dict)
-    rng: list[dict] = field(default_factory=list)
+    ranks: list[dict] = field(default_factory=list)  # per rank: rng states, counters, run_stats, buffers
+    identity: dict = field(default_factory=dict)
     init: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     mask_attrs: dict = field(default_factory=dict)
@@ -95,12 +102,39 @@ def _read_tensors(g: h5py.Group | None) -> dict[str, torch.Tensor]:
     return {} if g is None else {n: torch.from_numpy(np.array(g[n][()])) for n in g}
 
 
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+RANK_COUNTERS = ("bytes_sent", "bytes_received", "comm_seconds")
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename in ``folder`` durable (POSIX: fsync the directory)."""
+    fd = os.open(os.fspath(folder), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_run_file(path: str | os.PathLike, rf: RunFile) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=folder)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: honour the umask as open() would
     try:
         with h5py.File(tmp, "w") as f:
             f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, stage=rf.stage, arch=rf.arch,
@@ -112,13 +146,19 @@ def write_run_file(path: str | os.PathLike, rf: RunFile) -> None:
             _tensors(f.create_group("model"), rf.model)
             if rf.momentum:
                 _tensors(f.create_group("optimizer").create_group("momentum"), rf.momentum)
-            rng = f.create_group("rng")
-            for r, st in enumerate(rf.rng):
-                g = rng.create_group(str(r))
+            f.create_dataset("identity", data=json.dumps(rf.identity, sort_keys=True), dtype=h5py.string_dtype())
+            ranks = f.create_group("ranks")
+            for r, st in enumerate(rf.ranks):
+                g = ranks.create_group(str(r))
                 g.create_dataset("torch", data=st["torch"].numpy())
                 if st.get("cuda") is not None:
                     g.create_dataset("cuda", data=st["cuda"].numpy())
-                g.attrs.update(numpy=st["numpy"], python=st["python"])
+                if st.get("run_stats") is not None:
+                    g.create_dataset("run_stats", data=np.asarray(st["run_stats"], dtype=np.float64))
+                if st.get("buffers"):
+                    _tensors(g.create_group("buffers"), st["buffers"])
+                g.attrs.update(numpy=st["numpy"], python=st["python"],
+                               **{k: st[k] for k in RANK_COUNTERS if k in st})
             if rf.init:
                 _tensors(f.create_group("init"), rf.init)
             if rf.masks:
@@ -140,52 +180,75 @@ def write_run_file(path: str | os.PathLike, rf: RunFile) -> None:
             _table(f, "comm", COMM_FIELDS, rf.comm)
             if rf.sparsity:
                 _table(f, "sparsity", SPARSITY_FIELDS, rf.sparsity)
+            f.flush()
+        _fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(folder)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
 
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 def read_run_file(path: str | os.PathLike) -> RunFile:
+    """The file's content; a file that is missing, not HDF5, truncated, of another format or
+    version raises :class:`CheckpointError` with one line naming it."""
     path = os.fspath(path)
     try:
         f = h5py.File(path, "r")
     except (OSError, FileNotFoundError) as e:
         raise CheckpointError(f"{path}: cannot open as HDF5 ({e.__class__.__name__})") from None
-    with f:
-        if f.attrs.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: not a loft_hpc file (format attribute {f.attrs.get('format')!r})")
-        v = int(f.attrs.get("format_version", -1))
-        if v != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: format_version {v}, this loft_hpc reads version {FORMAT_VERSION}")
-        rng = []
-        if "rng" in f:
-            for r in sorted(f["rng"], key=int):
-                g = f["rng"][r]
-                rng.append({"torch": torch.from_numpy(np.array(g["torch"][()])),
-                            "cuda": torch.from_numpy(np.array(g["cuda"][()])) if "cuda" in g else None,
-                            "numpy": g.attrs["numpy"], "python": g.attrs["python"]})
-        scores = {}
-        if "snapshots/scores" in f:
-            for gname, gg in f["snapshots/scores"].items():
-                scores[gname] = {k: list(np.array(gg[k][()])) for k in gg}
-        idx = np.array(f["snapshots/index"][()]) if "snapshots/index" in f else np.zeros((0, 3))
-        cfg = f["config"][()]
-        return RunFile(
-            stage=str(f.attrs["stage"]), config_yaml=cfg.decode() if isinstance(cfg, bytes) else str(cfg),
-            arch=str(f.attrs["arch"]), world_size=int(f.attrs["world_size"]), seed=int(f.attrs["seed"]),
-            model=_read_tensors(f["model"]), progress={k: v.item() if hasattr(v, "item") else v for k, v in f["progress"].attrs.items()},
-            momentum=_read_tensors(f.get("optimizer/momentum")), rng=rng, init=_read_tensors(f.get("init")),
-            masks={n: t.bool() for n, t in _read_tensors(f.get("masks")).items()},
-            mask_attrs={k: (v.item() if hasattr(v, "item") else v) for k, v in f["masks"].attrs.items()} if "masks" in f else {},
-            snap_index=[tuple(int(x) for x in row) for row in idx], snap_scores=scores,
-            weight_snapshots={k: str(v) for k, v in f["snapshots/weights"].attrs.items()} if "snapshots/weights" in f else {},
-            metrics=_read_table(f["metrics"]) if "metrics" in f else [],
-            comm=_read_table(f["comm"]) if "comm" in f else [],
-            sparsity=_read_table(f["sparsity"]) if "sparsity" in f else [],
-            complete=bool(f.attrs.get("complete", 0)),
-        )
+    try:
+        with f:
+            return _read_open(path, f)
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable (truncated or corrupt: {e.__class__.__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _read_open(path: str, f: h5py.File) -> RunFile:
+    if f.attrs.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a loft_hpc file (format attribute {f.attrs.get('format')!r})")
+    v = int(f.attrs.get("format_version", -1))
+    if v != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {v}, this loft_hpc reads version {FORMAT_VERSION}")
+    ranks = []
+    if "ranks" in f:
+        for r in sorted(f["ranks"], key=int):
+            g = f["ranks"][r]
+            st = {"torch": torch.from_numpy(np.array(g["torch"][()])),
+                  "cuda": torch.from_numpy(np.array(g["cuda"][()])) if "cuda" in g else None,
+                  "numpy": g.attrs["numpy"], "python": g.attrs["python"],
+                  "run_stats": np.array(g["run_stats"][()]) if "run_stats" in g else None,
+                  "buffers": _read_tensors(g.get("buffers"))}
+            st.update({k: g.attrs[k].item() for k in RANK_COUNTERS if k in g.attrs})
+            ranks.append(st)
+    identity = json.loads(_text(f["identity"][()])) if "identity" in f else {}
+    scores = {}
+    if "snapshots/scores" in f:
+        for gname, gg in f["snapshots/scores"].items():
+            scores[gname] = {k: list(np.array(gg[k][()])) for k in gg}
+    idx = np.array(f["snapshots/index"][()]) if "snapshots/index" in f else np.zeros((0, 3))
+    return RunFile(
+        stage=str(f.attrs["stage"]), config_yaml=_text(f["config"][()]), identity=identity,
+        arch=str(f.attrs["arch"]), world_size=int(f.attrs["world_size"]), seed=int(f.attrs["seed"]),
+        model=_read_tensors(f["model"]), progress={k: v.item() if hasattr(v, "item") else v for k, v in f["progress"].attrs.items()},
+        momentum=_read_tensors(f.get("optimizer/momentum")), ranks=ranks, init=_read_tensors(f.get("init")),
+        masks={n: t.bool() for n, t in _read_tensors(f.get("masks")).items()},
+        mask_attrs={k: (v.item() if hasattr(v, "item") else v) for k, v in f["masks"].attrs.items()} if "masks" in f else {},
+        snap_index=[tuple(int(x) for x in row) for row in idx], snap_scores=scores,
+        weight_snapshots={k: str(v) for k, v in f["snapshots/weights"].attrs.items()} if "snapshots/weights" in f else {},
+        metrics=_read_table(f["metrics"]) if "metrics" in f else [],
+        comm=_read_table(f["comm"]) if "comm" in f else [],
+        sparsity=_read_table(f["sparsity"]) if "sparsity" in f else [],
+        complete=bool(f.attrs.get("complete", 0)),
+    )
 
 
 def check_model_state(path: str, saved: dict[str, torch.Tensor], model: torch.nn.Module, arch: str, saved_arch: str) -> None:

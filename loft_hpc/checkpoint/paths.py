@@ -1,10 +1,10 @@
 """Every file name of a run folder comes from here.
 
-    <dir>/config.yaml                       resolved config of the last job started here
+    <dir>/config.yaml, config.<n>.yaml      resolved config of the first job here, and of later jobs with other configs
     <dir>/ckpt/<stage>/ckpt-<step>.h5       periodic checkpoints (newest ``keep_checkpoints`` kept)
     <dir>/ckpt/<stage>/LATEST               name of the newest complete checkpoint (moved after the write)
     <dir>/pretrain.h5                       final pretraining file
-    <dir>/snapshots/weights@<step>.h5       full-weight snapshots (output.snapshot_weights, rewind step)
+    <dir>/snapshots/weights@<N>it.h5        full-weight snapshot taken at step N (output.snapshot_weights, rewind step)
     <dir>/tickets_p<NN>.h5, tickets@<S>_p<NN>.h5   ticket (masks + rewound weights) per ratio, from the end / snapshot S
     <dir>/imp/<ticket>_level<k>.h5          IMP: retrained weights of level k < n
     <dir>/retrain_p<NN>.h5, retrain@<S>_p<NN>.h5   retrained ticket per pruning ratio
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 
@@ -30,19 +31,37 @@ class RunPaths:
         return self.ckpt_dir(stage) / "LATEST"
 
     def latest(self, stage: str) -> Path | None:
+        """The checkpoint LATEST names, or None when the stage has no LATEST. A LATEST that names
+        a file that does not exist is an error (never a silent restart from step 0)."""
         p = self.latest_pointer(stage)
         if not p.is_file():
             return None
         f = self.ckpt_dir(stage) / p.read_text().strip()
-        return f if f.is_file() else None
+        if not f.is_file():
+            from loft_hpc.checkpoint.h5file import CheckpointError
+
+            raise CheckpointError(f"{p} names {f.name}, which does not exist (deleted by hand or by another job "
+                                  f"on this folder?): restore it, or delete {self.ckpt_dir(stage)} to start this stage over")
+        return f
+
+    def checkpoints(self, stage: str) -> list[Path]:
+        """The stage's checkpoint files, oldest first."""
+        return sorted(self.ckpt_dir(stage).glob("ckpt-*.h5"))
 
     def set_latest(self, stage: str, ckpt: Path, keep: int) -> None:
-        """Point LATEST at ``ckpt`` (atomically) and delete all but the newest ``keep`` checkpoints."""
+        """Point LATEST at ``ckpt`` (atomically and durably) and delete all but the newest ``keep``
+        checkpoints. The temporary pointer's name is unique per writer (host and pid)."""
+        from loft_hpc.checkpoint.h5file import fsync_dir
+
         ptr = self.latest_pointer(stage)
-        tmp = ptr.with_name(".LATEST.tmp")
-        tmp.write_text(ckpt.name + "\n")
+        tmp = ptr.with_name(f".LATEST.{socket.gethostname()}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            f.write(ckpt.name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, ptr)
-        files = sorted(self.ckpt_dir(stage).glob("ckpt-*.h5"))
+        fsync_dir(ptr.parent)
+        files = self.checkpoints(stage)
         for old in files[:-keep] if keep > 0 else []:
             if old != ckpt:
                 old.unlink(missing_ok=True)
@@ -51,12 +70,33 @@ class RunPaths:
     def config(self) -> Path:
         return self.root / "config.yaml"
 
+    def save_config(self, text: str) -> Path:
+        """Write a job's resolved config: ``config.yaml``, or when that holds another config,
+        the first free ``config.<n>.yaml`` (never overwriting a config of an earlier job).
+        Returns the file that holds ``text``."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while True:
+            p = self.config if n == 1 else self.root / f"config.{n}.yaml"
+            if p.is_file() and p.read_text() == text:
+                return p
+            tmp = p.with_name(f".{p.name}.{socket.gethostname()}.{os.getpid()}")
+            tmp.write_text(text)
+            try:
+                os.link(tmp, p)  # atomic create-if-absent: concurrent jobs never overwrite each other
+                return p
+            except FileExistsError:
+                n += 1
+            finally:
+                tmp.unlink()
+
     @property
     def pretrain(self) -> Path:
         return self.root / "pretrain.h5"
 
-    def weights_snapshot(self, label: str) -> Path:
-        return self.root / "snapshots" / f"weights@{label}.h5"
+    def weights_snapshot(self, step: int) -> Path:
+        """Full-weight snapshot taken at ``step`` (named by the step actually taken)."""
+        return self.root / "snapshots" / f"weights@{step}it.h5"
 
     @staticmethod
     def _tag(mask_from: str, ratio: float) -> str:

@@ -145,7 +145,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
         if not p.is_file():
             raise ConfigError(f"--config {str(path)!r}: no such file")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--config {str(path)!r}: not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise ConfigError(f"--config {str(path)!r}: cannot be read ({e.strerror})") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

@@ -38,12 +38,12 @@ class DataConfig:
     name: str = opt("digits", "data set", choices=DATASETS)
     root: str = opt("", "folder holding the data set files (cifar: the cifar-10-batches-py parent; imagenet: folder with train/ and val/)")
     image_size: int = opt(0, "side of the (square) training images; 0 = the data set's own (digits: 32, cifar: 32, imagenet: 224)", check=NONNEG)
-    batch_size: int = opt(128, "mini-batch size per rank", check=POS)
+    batch_size: int = opt(128, "mini-batch size per rank (data-parallel stages average gradients over S x batch_size samples per step)", check=POS)
     eval_batch_size: int = opt(256, "batch size for evaluation", check=POS)
     num_workers: int = opt(0, "DataLoader worker processes per rank (0 = load in the training process)", check=NONNEG)
     augment: bool = opt(True, "standard augmentation of the data set (random crop + flip; digits: small random shifts)")
     verify_checksums: bool = opt(True, "check the MD5 of the CIFAR batch files (switch off for re-packed or test files)")
-    shard: bool = opt(False, "give each rank a disjoint 1/S shard of the training set (default: every rank iterates the whole set in its own order, as the paper's code)")
+    shard: bool = opt(False, "LoFT pretraining: give each rank a disjoint 1/S shard of the training set (default false: every rank iterates the whole set in its own order, as the paper's code). Data-parallel stages (dense pretraining, retraining, IMP levels) always shard: an epoch is one pass over the training set in total, as with DistributedSampler")
     synthetic_train_size: int = opt(512, "synthetic data: training samples", check=POS)
     synthetic_test_size: int = opt(256, "synthetic data: test samples", check=POS)
     synthetic_classes: int = opt(10, "synthetic data: number of classes", check=(lambda v: v >= 2, "must be >= 2"))
@@ -73,7 +73,9 @@ class TrainConfig:
     milestones: list = opt([], "multistep: steps at which lr is multiplied by gamma, e.g. ['10ep', '15ep'] or [57000, 114000]")
     gamma: float = opt(0.1, "multistep: lr factor at each milestone", check=POS)
     eval_every: Step = opt(Step(1, "ep"), "evaluate the full model every this many steps (LoFT: rounded up to a whole round)")
-    bn_recalibration: int = opt(20, "LoFT: recompute BN running statistics of the assembled model over this many training batches before each evaluation, snapshot and checkpoint (0 = keep the sub-networks' statistics, as the paper's release)", check=NONNEG)
+    train_eval_samples: int = opt(512, "training images (a fixed seeded sample, no augmentation) on which the assembled model's training loss and accuracy are measured at every evaluation, in every stage (0 = off)", check=NONNEG)
+    lr_scaling: str = opt("none", "dense pretraining: scale lr (and nothing else) with the ranks S: none, or linear (lr x S, for the global batch S x batch_size)", choices=("none", "linear"))
+    bn_recalibration: int = opt(20, "LoFT: recompute BN running statistics of the assembled model over this many training batches before each evaluation, weight snapshot and the final file (0 = keep the sub-networks' statistics, as the paper's release)", check=NONNEG)
     check_sync: bool = opt(False, "after every exchange, verify that all ranks hold the identical full model (one digest allgather per round; for debugging and tests)")
     log_every: int = opt(20, "log a line every this many steps", check=POS)
     seed: int = opt(0, "seed of everything: initial weights, partitions, data order, augmentation", check=NONNEG)
@@ -105,6 +107,7 @@ class RetrainConfig:
     schedule: str = opt("multistep", "learning-rate schedule", choices=("constant", "multistep", "cosine"))
     milestones: list = opt([], "multistep milestones, e.g. ['30ep', '60ep', '80ep']")
     gamma: float = opt(0.1, "multistep lr factor", check=POS)
+    lr_scaling: str = opt("none", "scale lr with the ranks S: none, or linear (lr x S, for the global batch S x data.batch_size)", choices=("none", "linear"))
 
 
 @dataclass
@@ -115,6 +118,7 @@ class OutputConfig:
     snapshot_weights: list = opt([], "steps at which full weights are stored as snapshots too, e.g. ['500it', '5ep']")
     keep_checkpoints: int = opt(2, "checkpoint files kept per stage (the newest ones)", check=POS)
     resume: bool = opt(True, "continue from the latest checkpoint in the output folder when there is one")
+    on_mismatch: str = opt("refuse", "a checkpoint or stage file made by another config or from other inputs: refuse (one line naming what differs, exit 2), restart (checkpoints only: start the stage over; existing stage files are still refused) or keep (use it anyway, with a warning)", choices=("refuse", "restart", "keep"))
 
 
 @dataclass

@@ -16,7 +16,8 @@ from loft_hpc.config import config_to_yaml
 from loft_hpc.prune.masks import apply_masks_, sparsity_report, sparsity_rows, validate_masks
 from loft_hpc.prune.structured import channel_keep, channels_alive, masks_from_channels
 from loft_hpc.prune.unstructured import magnitude_masks
-from loft_hpc.stages.common import lr_function, make_model
+from loft_hpc.config.steps import Step
+from loft_hpc.stages.common import lr_function, make_model, reuse_existing, stage_identity
 from loft_hpc.train.dense import DenseTrainer
 from loft_hpc.train.engine import Context
 from loft_hpc.utils.log import log
@@ -30,30 +31,25 @@ def load_weights(path: Path, model, arch: str) -> RunFile:
     return rf
 
 
-def source_weights(ctx: Context, model) -> dict[str, torch.Tensor]:
-    """Weights that rank filters/weights for level 1: end of pretraining or a weight snapshot."""
-    cfg, paths = ctx.cfg, ctx.paths
-    if cfg.prune.mask_from == "end":
-        return load_weights(paths.pretrain, model, cfg.model.arch).model
-    return load_weights(paths.weights_snapshot(cfg.prune.mask_from), model, cfg.model.arch).model
-
-
-def rewind_weights(ctx: Context, model) -> dict[str, torch.Tensor]:
-    cfg, paths = ctx.cfg, ctx.paths
-    r = cfg.prune.rewind
-    if r == "end":
-        return load_weights(paths.pretrain, model, cfg.model.arch).model
-    pre = load_weights(paths.pretrain, model, cfg.model.arch)
-    if r == "init":
+def weights_at(ctx: Context, pre: RunFile, point: str, key: str) -> tuple[dict[str, torch.Tensor], Path, int]:
+    """Weights of pretraining at ``point`` ('end', 'init' or a step label of a weight snapshot):
+    (weights, the file they come from, the step at which they were actually taken)."""
+    paths = ctx.paths
+    if point == "end":
+        return pre.model, paths.pretrain, int(pre.progress.get("step", 0))
+    if point == "init":
         if not pre.init:
-            raise CheckpointError(f"{paths.pretrain}: holds no /init weights for prune.rewind=init")
-        return pre.init
-    label = pre.weight_snapshots.get(r)
-    p = paths.weights_snapshot(r)
-    if label is None and not p.is_file():
-        raise CheckpointError(f"{paths.pretrain}: no weight snapshot at {r} for prune.rewind={r} "
-                              f"(it is recorded only when set before pretraining)")
-    return load_weights(p, model, cfg.model.arch).model
+            raise CheckpointError(f"{paths.pretrain}: holds no /init weights for {key}=init")
+        return pre.init, paths.pretrain, 0
+    label = str(Step.parse(point))
+    rel = pre.weight_snapshots.get(label)
+    if rel is None:
+        raise CheckpointError(f"{paths.pretrain}: no weight snapshot for {key}={point} (snapshots: "
+                              f"{', '.join(sorted(pre.weight_snapshots)) or 'none'}; a snapshot is stored only when "
+                              f"requested before pretraining, by prune.rewind, prune.mask_from or output.snapshot_weights)")
+    p = paths.root / rel
+    rf = read_run_file(p)
+    return rf.model, p, int(rf.progress.get("step", -1))
 
 
 def next_masks(cfg, model, groups, weights: dict, keep_fraction: float, previous: dict | None) -> dict:
@@ -73,19 +69,28 @@ def next_masks(cfg, model, groups, weights: dict, keep_fraction: float, previous
 
 def run_prune(ctx: Context, bundle) -> list[Path]:
     cfg, paths, dist = ctx.cfg, ctx.paths, ctx.dist
-    pr = cfg.prune
+    pr, r = cfg.prune, cfg.retrain
+    probe = make_model(cfg, bundle)
+    pre = load_weights(paths.pretrain, probe, cfg.model.arch)
+    source, source_path, source_step = weights_at(ctx, pre, pr.mask_from, "prune.mask_from")
+    rewind, rewind_path, rewind_step = weights_at(ctx, pre, pr.rewind, "prune.rewind")
+    for point, step in ((pr.mask_from, source_step), (pr.rewind, rewind_step)):
+        if point not in ("init", "end") and Step.parse(point).iterations(int(pre.progress["batches_per_epoch"])) != step:
+            log(f"prune: the snapshot requested at {point} was taken at step {step} (the first round boundary "
+                f"at or after it): its weights are used", rank=dist.rank)
+    inputs = list(dict.fromkeys([paths.pretrain, source_path, rewind_path]))
+    identity = stage_identity(ctx, "ticket" if pr.levels == 1 else "ticket-imp", inputs)
     out = []
     for ratio in pr.ratios:
         target = paths.ticket(pr.mask_from, ratio)
         out.append(target)
-        if target.is_file():
-            log(f"prune: {target} exists, skipping", rank=dist.rank)
+        if reuse_existing(ctx, target, identity, "prune"):
             continue
         model = make_model(cfg, bundle, dist.device)
         groups = model.filter_groups()
-        weights = source_weights(ctx, model)
-        rewind = rewind_weights(ctx, model)
+        weights = source
         masks = None
+        previous_level: list[Path] = []
         for level in range(1, pr.levels + 1):
             keep_fraction = (1 - ratio) ** (level / pr.levels)
             new = next_masks(cfg, model, groups, weights, keep_fraction, masks)
@@ -93,28 +98,35 @@ def run_prune(ctx: Context, bundle) -> list[Path]:
             masks = new
             if level == pr.levels:
                 break
-            # IMP: retrain the level's ticket from the rewind point, its weights rank the next level
+            # IMP: retrain the level's ticket from the rewind point, its weights rank the next level.
+            # Each level trains a fresh model with a fresh optimizer: no gradient hooks of an earlier
+            # level's DistributedOptimizer remain on the parameters it trains.
             lvl_path = paths.imp_level(pr.mask_from, ratio, level)
-            model.load_state_dict({n: t.to(dist.device) for n, t in rewind.items()})
-            if not lvl_path.is_file():
+            lvl_identity = stage_identity(ctx, "imp", inputs + previous_level)
+            if not reuse_existing(ctx, lvl_path, lvl_identity, f"prune IMP level {level}"):
                 log(f"prune: ratio {ratio:.0%} IMP level {level}/{pr.levels}: keep {keep_fraction:.3f}, retraining", rank=dist.rank)
-                r = cfg.retrain
-                DenseTrainer(ctx, model, groups, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
+                lvl_model = make_model(cfg, bundle, dist.device)
+                lvl_model.load_state_dict({n: t.to(dist.device) for n, t in rewind.items()})
+                DenseTrainer(ctx, lvl_model, groups, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
                              stage="imp", ckpt_stage=lvl_path.stem, final_path=lvl_path, duration=r.duration,
-                             lr_fn=lr_function(r), masks=masks,
+                             lr_fn=lr_function(r, dist.size), masks=masks, identity=lvl_identity,
                              mask_attrs={"ratio": ratio, "level": level}).run()
+                del lvl_model
             weights = load_weights(lvl_path, model, cfg.model.arch).model
+            previous_level = [lvl_path]
         model.load_state_dict({n: t.to(dist.device) for n, t in rewind.items()})
         apply_masks_(model, {n: m.to(dist.device) for n, m in masks.items()})
         table, overall = sparsity_report(masks, model)
-        log(f"prune: ticket {target.name}: {pr.method} {pr.scope}, {pr.levels} level(s), rewind {pr.rewind}, "
-            f"mask from {pr.mask_from}: pruned {overall:.1%} of the masked tensors\n{table}", rank=dist.rank)
+        log(f"prune: ticket {target.name}: {pr.method} {pr.scope}, {pr.levels} level(s), rewind {pr.rewind} "
+            f"(step {rewind_step}), mask from {pr.mask_from} (step {source_step}): pruned {overall:.1%} of the "
+            f"masked tensors\n{table}", rank=dist.rank)
         if dist.is_root:
             rf = RunFile(stage="prune", config_yaml=config_to_yaml(cfg), arch=cfg.model.arch, world_size=dist.size,
                          seed=cfg.train.seed, model={n: t.detach().cpu() for n, t in model.state_dict().items()},
-                         progress={"step": 0, "round": 0, "epoch": 0}, masks=masks,
+                         progress={"step": 0, "round": 0, "epoch": 0}, masks=masks, identity=identity,
                          mask_attrs={"ratio": ratio, "method": pr.method, "scope": pr.scope, "levels": pr.levels,
-                                     "mask_from": pr.mask_from, "rewind": pr.rewind, "pruned_fraction": overall},
+                                     "mask_from": pr.mask_from, "mask_from_step": source_step, "rewind": pr.rewind,
+                                     "rewind_step": rewind_step, "pruned_fraction": overall},
                          sparsity=sparsity_rows(masks), complete=True)
             write_run_file(target, rf)
         dist.comm.Barrier()

@@ -35,7 +35,8 @@ def recalibrate_bn(model: nn.Module, dataset, *, batches: int, batch_size: int, 
         m.momentum = None  # cumulative average over the batches
     was_training = model.training
     model.train()
-    for x, _ in DataLoader(Subset(data, idx), batch_size=batch_size, shuffle=False):
+    for x, _ in DataLoader(Subset(data, idx), batch_size=batch_size, shuffle=False,
+                           generator=generator(seed, "bn-recalibration-loader", tag)):  # not the global RNG
         model(x.to(device))
     model.train(was_training)
     for m, (mom, nbt) in zip(bns, saved):

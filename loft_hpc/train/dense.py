@@ -16,7 +16,8 @@ class DenseTrainer(RoundTrainer):
 
     def __init__(self, ctx, model, groups, *, lr: float, momentum: float, weight_decay: float,
                  nesterov: bool = False, stage: str = "pretrain", **kw) -> None:
-        super().__init__(ctx, model, groups, steps_per_round=1, **kw)
+        # Horovod: data parallel: ranks take disjoint shards, an epoch is one pass in total
+        super().__init__(ctx, model, groups, steps_per_round=1, shard=True, **kw)
         self.stage = stage
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         base = make_sgd(model, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
@@ -51,7 +52,7 @@ class DenseTrainer(RoundTrainer):
         self.model.train()
         for i in range(n_steps):
             step = self.step + i
-            set_lr(self.opt, self.lr_fn(step))
+            set_lr(self.opt, self.lr(step))
             self.opt.zero_grad()
             self.forward_backward(self.model, step)
             if self.dist.size > 1:

@@ -24,7 +24,7 @@ class LoftTrainer(RoundTrainer):
     stage = "pretrain"
 
     def __init__(self, ctx, model, groups, **kw) -> None:
-        super().__init__(ctx, model, groups, steps_per_round=ctx.cfg.train.local_steps, **kw)
+        super().__init__(ctx, model, groups, steps_per_round=ctx.cfg.train.local_steps, shard=ctx.cfg.data.shard, **kw)
         self.slicer = TensorSlicer([g for g in groups if g.partitioned])
         self.partitioned = [g for g in groups if g.partitioned]
         t = self.cfg.train
@@ -32,7 +32,6 @@ class LoftTrainer(RoundTrainer):
         self.exchange = ShardExchange(model, self.slicer, self.coll, carry_momentum=self.carry)
         self.full_mom = {n: torch.zeros_like(p) for n, p in model.named_parameters()} if self.carry else {}
         self.sync_checks = 0
-        self._recalibrated_at = None
 
     def plan(self, round_: int) -> PartitionPlan:
         return PartitionPlan.draw(self.cfg.train.seed, round_, self.partitioned, self.dist.size)
@@ -49,7 +48,7 @@ class LoftTrainer(RoundTrainer):
             set_momentum(sub, opt, {n: self.slicer.extract(n, self.full_mom[n], keep) for n in sub_names})
         for i in range(n_steps):
             step = self.step + i
-            set_lr(opt, self.lr_fn(step))
+            set_lr(opt, self.lr(step))
             opt.zero_grad(set_to_none=True)
             self.forward_backward(sub, step)
             opt.step()
@@ -71,10 +70,11 @@ class LoftTrainer(RoundTrainer):
             raise RuntimeError(f"round {self.round}: ranks disagree on the model after the exchange: {digests}")
         self.sync_checks += 1
 
+    step_loss_name = "sub_loss"  # the rank's sub-network during its local steps, not the full model
+
     def before_eval(self) -> None:
         t = self.cfg.train
-        if t.bn_recalibration > 0 and self._recalibrated_at != self.step:  # eval + checkpoint at one step: once
-            self._recalibrated_at = self.step
+        if t.bn_recalibration > 0:
             recalibrate_bn(self.model, self.ctx.train_set, batches=t.bn_recalibration, batch_size=self.cfg.data.batch_size,
                            seed=t.seed, tag=self.step, device=self.dist.device)
 

@@ -49,7 +49,10 @@ class BatchStream:
         idx = self.order(epoch)[start_batch * self.batch_size:].tolist()
         loader = DataLoader(Subset(self.dataset, idx), batch_size=self.batch_size, shuffle=False,
                             drop_last=True, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=self.device.type == "cuda",
+                            # its own generator: opening a loader never draws from the global RNG,
+                            # which only the model (dropout) may use, so resume restores it exactly
+                            generator=generator(self.seed, "loader", self.rank, epoch, start_batch))
         self._iter = iter(loader)
         self._epoch = epoch
 

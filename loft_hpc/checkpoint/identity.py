@@ -1,0 +1,100 @@
+"""Run identity: what made a checkpoint or a stage's file, so that nothing is resumed or reused
+under another config or from other inputs.
+
+An identity is ``{"kind", "config": {"section.key": value}, "inputs": {name: sha256}}``:
+
+- ``config`` holds the keys that change the results of that *kind* of stage (``RESULT_KEYS``):
+  pretraining depends on data, model and train; a ticket on model and prune (and, with IMP, on
+  what retrains the levels); a retraining or an IMP level on data, model, retrain and the seed.
+  Keys that only change how a job runs or reports (``OPERATIONAL``: data location, loader
+  workers, evaluation cadence, logging, threads, device, output) are left out, so moving the data
+  or evaluating more often never blocks a resume.
+- ``inputs`` holds the SHA-256 of the content of every file the stage read (the pretraining file,
+  the ticket, the previous IMP level, weight snapshots): re-pruning with another method rewrites
+  the ticket, and the retraining checkpoint made from the old ticket is then refused.
+
+Every checkpoint and final file stores its identity (``/identity``). :func:`differences` names
+what changed, in one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+
+from loft_hpc.config import JobConfig
+
+# section (or section.key) that the results of each kind of stage depend on
+RESULT_KEYS = {
+    "pretrain": ("data", "model", "train"),
+    "ticket": ("model", "prune"),
+    "ticket-imp": ("data", "model", "prune", "retrain", "train.seed"),
+    "imp": ("data", "model", "prune", "retrain", "train.seed"),
+    "retrain": ("data", "model", "retrain", "train.seed"),
+}
+# keys that never change results: where the data lives, how it is loaded, how often the job
+# evaluates, logs or checks, on which device and threads it runs, where it writes
+OPERATIONAL = {
+    "data.root", "data.num_workers", "data.verify_checksums", "data.eval_batch_size",
+    "train.eval_every", "train.train_eval_samples", "train.log_every", "train.check_sync", "train.progress",
+    "train.threads", "train.device",
+    "prune.ratios",  # one file per ratio: the ratio is in the file's name
+}
+
+
+def flat_config(cfg: JobConfig) -> dict[str, object]:
+    out = {}
+    for sec in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, sec.name)):
+            v = getattr(getattr(cfg, sec.name), f.name)
+            out[f"{sec.name}.{f.name}"] = _plain(v)
+    return out
+
+
+def _plain(v):
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    return str(v)  # Step -> '20ep'
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def make_identity(cfg: JobConfig, kind: str, inputs: list[Path] = ()) -> dict:
+    want = RESULT_KEYS[kind]
+    config = {k: v for k, v in flat_config(cfg).items()
+              if k not in OPERATIONAL and (k in want or k.split(".", 1)[0] in want)}
+    return {"kind": kind, "config": config, "inputs": {Path(p).name: sha256_file(p) for p in inputs}}
+
+
+def differences(saved: dict, current: dict) -> list[str]:
+    """Short descriptions of what differs ('train.lr 0.1 -> 0.05', 'input tickets_p50.h5 changed')."""
+    if not saved:
+        return ["the file records no identity"]
+    out = []
+    if saved.get("kind") != current.get("kind"):
+        out.append(f"stage kind {saved.get('kind')} -> {current.get('kind')}")
+    a, b = saved.get("config", {}), current.get("config", {})
+    for k in sorted(set(a) | set(b)):
+        if a.get(k, "<unset>") != b.get(k, "<unset>"):
+            out.append(f"{k} {a.get(k, '<unset>')} -> {b.get(k, '<unset>')}")
+    a, b = saved.get("inputs", {}), current.get("inputs", {})
+    for k in sorted(set(a) | set(b)):
+        if k not in a:
+            out.append(f"input {k} new")
+        elif k not in b:
+            out.append(f"input {k} no longer used")
+        elif a[k] != b[k]:
+            out.append(f"input {k} changed (sha256 {a[k][:12]} -> {b[k][:12]})")
+    return out
