@@ -633,7 +633,8 @@ def loft_pipeline():
         pytest.skip("configs/default.yaml is missing")
 
 
-TINY = "train.duration=30it train.local_steps=5 retrain.duration=20it prune.ratios=[0.5] data.batch_size=32"
+TINY = ("train.duration=30it train.local_steps=5 retrain.duration=20it prune.ratios=[0.5] data.batch_size=32 "
+        "output.snapshot_weights=[]")
 
 
 def _chain(cluster, tmp_path: Path, overrides: str) -> tuple:
