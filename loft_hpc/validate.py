@@ -67,7 +67,9 @@ def check_schedule_points(cfg: JobConfig, n_train: int, world: int, stages: list
     if "pretrain" in stages or "prune" in stages:
         for key, value in (("prune.rewind", p.rewind), ("prune.mask_from", p.mask_from)):
             if value not in ("init", "end") and Step.parse(value).iterations(pre_bpe) == 0:
-                raise ConfigError(f"{key}: {value} is the start of pretraining: use {key}=init (theta_0)")
+                hint = f"use {key}=init (theta_0)" if key == "prune.rewind" else \
+                    "theta_0 ranks nothing that training found: use a later step or prune.mask_from=end"
+                raise ConfigError(f"{key}: {value} is the start of pretraining: {hint}")
             if value not in ("init", "end"):
                 _check_before_end(key, [Step.parse(value)], t.duration, pre_bpe, "pretraining",
                                   f" (use {key}=end for the end of pretraining)")

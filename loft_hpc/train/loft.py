@@ -14,6 +14,7 @@ from loft_hpc.exchange.shards import ShardExchange
 from loft_hpc.partition.plan import PartitionPlan
 from loft_hpc.train.bn_recalibration import recalibrate_bn
 from loft_hpc.partition.slicing import TensorSlicer, subnetwork
+from loft_hpc.train import callbacks
 from loft_hpc.train.engine import RoundTrainer
 from loft_hpc.train.optim import get_momentum, make_sgd, set_momentum
 from loft_hpc.train.schedule import set_lr
@@ -53,6 +54,7 @@ class LoftTrainer(RoundTrainer):
             self.forward_backward(sub, step)
             opt.step()
         sub_mom = get_momentum(sub, opt) if self.carry else {}
+        callbacks.fire("exchange", self)
         # Horovod: every rank calls exchange once per round, in the same round order.
         self.exchange.exchange(self.model, sub, self.full_mom, sub_mom, plan, self.dist.rank, self.round)
         if t.check_sync:

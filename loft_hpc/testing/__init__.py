@@ -1,0 +1,1 @@
+"""Test and tool support that ships with the package (no production code path imports it)."""
