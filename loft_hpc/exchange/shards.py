@@ -11,6 +11,18 @@ Shared tensors (floating-point, not sliced by any partitioned group) are concate
 ``state_dict`` order into one buffer, then the momentum of the shared parameters; averaged in one
 named allreduce. Integer buffers (``num_batches_tracked``) are identical on all ranks (every rank
 does K steps) and are not exchanged.
+
+Tensors sliced on two dims (the weight between two partitioned layers; every hidden layer of the
+LTH models): a rank's shard holds only its diagonal block, so the off-diagonal entries are
+covered by no rank (:mod:`loft_hpc.partition.coverage` says which and how many). They are
+untrained that round (no gradient, no weight decay) and the write-back leaves them as they
+were: their weights, and with ``carry`` their momentum. An entry that returns after rounds
+untrained therefore resumes with the momentum of the last round it was trained in (the rule
+``keep``). Zeroing that momentum instead (restarting the entry like a fresh parameter, as an
+independent-subnet worker re-creating its optimizer would) was measured and not taken: it never
+trained better and at K = 5, S = 4 trained worse (README, "What the implementation chose").
+The rule needs no code and no bytes: it is what writing back only the owned slices does, on
+every rank from the same plan.
 """
 from __future__ import annotations
 
@@ -81,6 +93,8 @@ class ShardExchange:
                     idx = self.slicer.index(n, keep_s)
                     k = _numel_of_slice(dst.shape, idx)
                     shape = [next((len(e) for dd, e in idx if dd == d), dst.shape[d]) for d in range(dst.dim())]
+                    # two-dim-sliced tensors: only rank s's diagonal block is written; entries
+                    # no rank owns keep their weight and momentum (rule 'keep', module docstring)
                     self.slicer.write_back(n, dst, gathered[offset:offset + k].view(shape), keep_s)
                     offset += k
         assert offset == gathered.numel(), "shard layout mismatch between ranks"
