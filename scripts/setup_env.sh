@@ -63,7 +63,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing pinned packages (torch $torch_ver, torchvision $tv_ver)"
   pipi -c "$cfile" pip setuptools wheel
   pipi -c "$cfile" "torch==$torch_ver" "torchvision==$tv_ver" numpy h5py pyyaml mpi4py tqdm \
-      matplotlib scikit-learn pytest packaging cloudpickle psutil cffi
+      matplotlib scikit-learn pytest pytest-timeout packaging cloudpickle psutil cffi
   echo "$want" > "$stamp"
 fi
 

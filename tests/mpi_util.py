@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,22 +22,183 @@ TINY = ["data.name=synthetic", "data.synthetic_train_size=192", "data.synthetic_
 
 
 def need_mpirun() -> None:
+    """The set-up (scripts/setup_env.sh) always installs Open MPI: without it the tests fail, they do
+    not skip."""
     if shutil.which("mpirun") is None:
-        pytest.skip("mpirun is not installed (set-up installs openmpi-bin)")
+        pytest.fail("mpirun is not on PATH: run scripts/setup_env.sh (it installs openmpi-bin)", pytrace=False)
 
 
-def run_job(np: int, args: list[str], *, timeout: float = 240, env: dict | None = None,
-            module: str = "loft_hpc.run") -> subprocess.CompletedProcess:
-    """``scripts/mpirun.sh -np NP python -m loft_hpc.run ARGS`` (plain python when np == 0)."""
+# Every job a test starts runs in its own session: when the test fails, times out (pytest-timeout)
+# or is interrupted, every process of that session -- mpirun.sh, mpirun and every rank (Open MPI
+# puts each rank in a process group of its own, but they stay in the session) -- is killed, never
+# left running. tests/conftest.py kills whatever is still alive after each test.
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def job_env(env: dict | None = None) -> dict:
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     e["PATH"] = f"{Path(PY).parent}:{e.get('PATH', '')}"
     e.update(env or {})
+    return e
+
+
+def job_command(np: int, args: list[str], module: str = "loft_hpc.run") -> list[str]:
     cmd = [PY, "-m", module, *args]
     if np > 0:
         need_mpirun()
         cmd = [str(REPO / "scripts" / "mpirun.sh"), "-np", str(np), *cmd]
-    return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+    return cmd
 
+
+def start_job(cmd: list[str], *, env: dict | None = None, **popen) -> subprocess.Popen:
+    """``Popen(cmd)`` as the leader of a new session, registered so that ``kill_session`` and
+    ``kill_all_jobs`` can end it and everything it started."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(env), start_new_session=True, **popen)
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
+    return proc
+
+
+def session_pids(sid: int, name: str | None = None) -> list[int]:
+    """Live processes of session ``sid`` (from /proc: the session is field 6 of /proc/PID/stat),
+    only those whose command name is ``name`` when given."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                comm, _, rest = f.read().rpartition(")")
+            fields = rest.split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z" and (name is None or comm.partition("(")[2] == name):
+            out.append(int(d))
+    return out
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of the job's session (the leader's pid is the session id), reap the
+    leader. Repeated until none is left: a process may fork while the first ones are killed."""
+    for _ in range(50):
+        pids = session_pids(proc.pid)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            proc.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    with _LIVE_LOCK:
+        _LIVE.discard(proc)
+
+
+def finish_job(proc: subprocess.Popen) -> None:
+    """The job's leader has ended: kill what it may have left in its session (a rank that outlived
+    mpirun)."""
+    kill_session(proc)
+
+
+def kill_all_jobs() -> None:
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for proc in live:
+        kill_session(proc)
+
+
+def run_job(np: int, args: list[str], *, timeout: float = 240, env: dict | None = None,
+            module: str = "loft_hpc.run") -> subprocess.CompletedProcess:
+    """``scripts/mpirun.sh -np NP python -m loft_hpc.run ARGS`` (plain python when np == 0).
+
+    A job that has not ended after ``timeout`` seconds fails the test (subprocess.TimeoutExpired);
+    on a timeout, a failure or an interrupt every process of the job's session is killed."""
+    if module == "loft_hpc.run" and "LOFT_FAULT_INJECT" in (env or {}):
+        module = "loft_hpc.testing.faults"  # the real program with the fault callback installed
+    cmd = job_command(np, args, module)
+    proc = start_job(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        kill_session(proc)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # a process outside the session still holds the pipes
+            out, err = e.output, e.stderr
+        raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from e
+    except BaseException:
+        kill_session(proc)
+        raise
+    finish_job(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+
+class LiveJob:
+    """A job started with ``start_job`` whose stdout and stderr are read on threads, so that a test
+    can wait for a line with a deadline (``wait_for``) instead of blocking in ``readline``."""
+
+    def __init__(self, cmd: list[str], *, env: dict | None = None, stdin=subprocess.DEVNULL):
+        self.cmd = cmd
+        self.proc = start_job(cmd, env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._cond = threading.Condition()
+        self._readers = [threading.Thread(target=self._read, args=(s, into), daemon=True)
+                         for s, into in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        self._open = len(self._readers)
+        for t in self._readers:
+            t.start()
+
+    def _read(self, stream, into: list[str]) -> None:
+        for line in stream:
+            with self._cond:
+                into.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._open -= 1
+            self._cond.notify_all()
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        """True as soon as a stdout line contains ``text``; False when stdout ends without one or
+        ``timeout`` seconds pass."""
+        def seen():
+            return any(text in ln for ln in self.out)
+
+        with self._cond:
+            self._cond.wait_for(lambda: seen() or self._open == 0, timeout)
+            return seen()
+
+    def finish(self, timeout: float) -> int:
+        """Wait for the job to end (subprocess.TimeoutExpired after ``timeout`` s, which fails the
+        test), kill what it left in its session, read the rest of its output; the exit code."""
+        self.proc.wait(timeout=timeout)
+        return self.close()
+
+    def close(self) -> int:
+        """Kill the job's whole session (if still running) and read what it wrote up to then."""
+        kill_session(self.proc)
+        for t in self._readers:
+            t.join(timeout=30)
+        return self.proc.returncode
+
+    @property
+    def stdout(self) -> str:
+        with self._cond:
+            return "".join(self.out)
+
+    @property
+    def stderr(self) -> str:
+        with self._cond:
+            return "".join(self.err)
 
 def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert p.returncode == 0, f"exit {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}"

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import subprocess
-import time
+import threading
 
 import h5py
 import numpy as np
@@ -16,7 +17,7 @@ from loft_hpc.checkpoint.h5file import (CheckpointError, RunFile, check_model_st
                                         write_run_file)
 from loft_hpc.checkpoint.layout import FORMAT_VERSION
 from loft_hpc.checkpoint.paths import RunPaths
-from tests.mpi_util import PY, REPO, TINY, assert_same_run, ok, run_job
+from tests.mpi_util import PY, TINY, LiveJob, assert_same_run, job_command, ok, run_job, session_pids
 
 
 def sample_runfile() -> RunFile:
@@ -70,8 +71,8 @@ def test_round_trip_every_field(tmp_path):
 
 
 def test_h5dump_reads_the_file(tmp_path):
-    if shutil.which("h5dump") is None:
-        pytest.skip("h5dump not installed (set-up installs hdf5-tools)")
+    # the set-up (scripts/setup_env.sh) installs hdf5-tools: its absence is a failure, not a skip
+    assert shutil.which("h5dump") is not None, "h5dump is not on PATH: run scripts/setup_env.sh (hdf5-tools)"
     p = tmp_path / "a.h5"
     write_run_file(p, sample_runfile())
     out = subprocess.run(["h5dump", "-H", str(p)], capture_output=True, text=True, check=True).stdout
@@ -79,16 +80,96 @@ def test_h5dump_reads_the_file(tmp_path):
         assert name.strip("/") in out
 
 
-def test_interrupted_write_leaves_nothing(tmp_path):
+# A writer of RunFiles in a loop, generation g = 1, 2, ...: the file's "big" tensor (8 MB) is all
+# g and its progress step is g; "wrote g" is printed once write_run_file has returned. argv[2]
+# lists pauses "g:point,...": at each the writer prints "paused g point" and waits for a line on
+# stdin. Points: "mid" (the big tensor is written, the rest of the file is not), "before" (about
+# to os.replace the finished file to the real name), "after" (just replaced).
+WRITER = """
+import os
+import sys
+import h5py
+import torch
+from loft_hpc.checkpoint.h5file import write_run_file
+from tests.test_checkpoint import sample_runfile
+path = sys.argv[1]
+pauses = {tuple(x.split(":")) for x in sys.argv[2].split(",") if x}
+rf, big, gen = sample_runfile(), torch.empty(2_000_000), 0
+def pause(point):
+    if (str(gen), point) in pauses:
+        print(f"paused {gen} {point}", flush=True)
+        sys.stdin.readline()
+real_create, real_replace = h5py.Group.create_dataset, os.replace
+def create_dataset(self, name, *a, **kw):
+    ds = real_create(self, name, *a, **kw)
+    if name == "big":
+        pause("mid")
+    return ds
+def replace(src, dst):
+    pause("before")
+    real_replace(src, dst)
+    pause("after")
+h5py.Group.create_dataset, os.replace = create_dataset, replace
+while True:
+    gen += 1
+    rf.model["big"] = big.fill_(float(gen))
+    rf.progress = dict(rf.progress, step=gen)
+    write_run_file(path, rf)
+    print(f"wrote {gen}", flush=True)
+"""
+
+
+def _generation(path) -> int:
+    """The generation of a complete writer file (every field read back, the tensor all one value)."""
+    rf = read_run_file(path)
+    g = rf.progress["step"]
+    assert rf.complete and torch.equal(rf.model["big"], torch.full((2_000_000,), float(g)))
+    assert set(rf.model) == set(sample_runfile().model) | {"big"} and rf.identity == sample_runfile().identity
+    return g
+
+
+def test_writer_killed_mid_write_leaves_the_previous_file(tmp_path):
+    """A real writer stopped inside write_run_file at every phase: before the first file exists
+    (nothing under the real name), half-way through writing (the previous file, complete), with
+    the new file finished but not yet renamed (still the previous one), just after the rename (the
+    new one, complete); then SIGKILLed half-way through a write: the previous file, complete, is
+    under the real name, and what was cut off is a partial file under a temporary name only."""
     p = tmp_path / "a.h5"
-    write_run_file(p, sample_runfile())
-    before = p.read_bytes()
-    bad = sample_runfile()
-    bad.model["broken"] = "not a tensor"
-    with pytest.raises(Exception):
-        write_run_file(p, bad)
-    assert p.read_bytes() == before  # the old file is intact under the real name
-    assert [q.name for q in tmp_path.iterdir()] == ["a.h5"]  # no temporary left behind
+    stops = [(1, "mid", None), (2, "mid", 1), (3, "before", 2), (3, "after", 3), (4, "mid", 3), (5, "mid", 4)]
+    job = LiveJob([PY, "-c", WRITER, str(p), ",".join(f"{g}:{pt}" for g, pt, _ in stops)], stdin=subprocess.PIPE)
+    try:
+        for g, point, want in stops:
+            assert job.wait_for(f"paused {g} {point}", 120), (g, point, job.stdout + job.stderr)
+            if want is None:
+                assert not p.exists()
+            else:
+                assert _generation(p) == want, (g, point)
+            temps = [q for q in tmp_path.iterdir() if q.name != "a.h5"]
+            assert len(temps) == (0 if point == "after" else 1), (g, point, temps)
+            if (g, point) != stops[-1][:2]:
+                job.proc.stdin.write("go\n")
+                job.proc.stdin.flush()
+    finally:
+        job.close()  # SIGKILL, half-way through writing generation 5
+    assert job.proc.returncode == -signal.SIGKILL
+    assert _generation(p) == 4
+    with pytest.raises(CheckpointError):  # what was cut off really is a partial file
+        read_run_file(temps[0])
+
+
+def test_writer_killed_at_any_moment_leaves_a_complete_file(tmp_path):
+    """SIGKILL at an arbitrary moment of a writer in a loop: the real name holds the last generation
+    reported written or the next one, always complete, never a partial file."""
+    p = tmp_path / "a.h5"
+    job = LiveJob([PY, "-c", WRITER, str(p), ""])
+    try:
+        assert job.wait_for("wrote 2", 120), job.stdout + job.stderr
+        threading.Event().wait(random.uniform(0.0, 0.5))  # a moment inside one of the next writes
+    finally:
+        job.close()  # SIGKILL
+    assert job.proc.returncode == -signal.SIGKILL
+    last = max(int(ln.split()[1]) for ln in job.out if ln.startswith("wrote"))
+    assert _generation(p) in (last, last + 1)
 
 
 def test_load_checks_are_one_line(tmp_path):
@@ -212,34 +293,31 @@ def test_files_honour_the_umask(tmp_path):
 
 def test_sigusr1_checkpoints_exits_3_and_resumes_exactly(tmp_path, uninterrupted):
     out = tmp_path / "signalled"
-    cmd = [str(REPO / "scripts" / "mpirun.sh"), "-np", "2", PY, "-m", "loft_hpc.run", "--stage", "pretrain", *RESUME,
-           f"output.dir={out}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = ""
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        seen += line
+    job = LiveJob(job_command(2, ["--stage", "pretrain", *RESUME, f"output.dir={out}"]))
+    try:
         # printed after Horovod init: every rank has its handler installed by now
-        if "job: stages" in line or not line:
-            break
-    proc.send_signal(signal.SIGUSR1)  # mpirun forwards SIGUSR1 to every rank
-    stdout, stderr = proc.communicate(timeout=120)
-    seen += stdout
-    assert proc.returncode == 3, f"exit {proc.returncode}\n{seen[-3000:]}\n{stderr[-3000:]}"
-    assert "stop requested" in seen
+        assert job.wait_for("job: stages", 120), f"no job line\n{job.stdout[-3000:]}\n{job.stderr[-3000:]}"
+        # SIGUSR1 to mpirun itself (not to the scripts/mpirun.sh wrapper): it forwards it to every rank
+        mpirun = session_pids(job.proc.pid, "mpirun")
+        assert len(mpirun) == 1, mpirun
+        os.kill(mpirun[0], signal.SIGUSR1)
+        rc = job.finish(timeout=120)
+    finally:
+        job.close()
+    assert rc == 3, f"exit {rc}\n{job.stdout[-3000:]}\n{job.stderr[-3000:]}"
+    assert "stop requested" in job.stdout
     assert not (out / "pretrain.h5").exists()
     stopped_at = RunPaths(out).latest("pretrain")
     assert stopped_at is not None and stopped_at.name < "ckpt-0000000032.h5"
+    step = read_run_file(stopped_at).progress["step"]
     p = ok(run_job(2, ["--stage", "pretrain", *RESUME, f"output.dir={out}"]))
-    assert "resumed from" in p.stdout
+    assert "resumed from" in p.stdout and f"at step {step}/32" in p.stdout
     assert_same_run(uninterrupted, read_run_file(out / "pretrain.h5"))
 
 
 def test_resume_refuses_other_world_size(tmp_path):
     out = tmp_path / "ws"
     p = run_job(2, ["--stage", "pretrain", *RESUME, f"output.dir={out}"], env={"LOFT_FAULT_INJECT": "0:3"})
-    assert p.returncode != 0
+    assert p.returncode == 1 and "injected fault" in p.stderr, p.stderr[-2000:]
     p = run_job(0, ["--stage", "pretrain", *RESUME, f"output.dir={out}"])
     assert p.returncode == 2 and "written by 2 ranks" in p.stderr and "Traceback" not in p.stderr
