@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import time
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from loft_hpc.data import build_datasets
 from loft_hpc.exchange.accounting import loft_sync_bytes
 from loft_hpc.partition.plan import PartitionPlan
 from loft_hpc.stages.common import make_model
-from tests.mpi_util import TINY, ok, run_job
+from tests.mpi_util import PY, REPO, TINY, kill_session, ok, run_job, start_job
 
 # width 5, inner x1.5: partitioned inner groups of 15, 30 and 60 filters (15 is divisible by
 # neither 2 nor 4: the uneven deal is exercised in every run)
@@ -32,7 +33,7 @@ JOB = TINY + ["model.width=5", "train.duration=24it", "train.local_steps=4", "tr
 
 
 def job_config(extra: list[str], out) -> object:
-    return load_config("configs/default.yaml", JOB + extra + [f"output.dir={out}"])
+    return load_config(REPO / "configs" / "default.yaml", JOB + extra + [f"output.dir={out}"])
 
 
 # ---------------------------------------------------------------- the independent reference
@@ -246,16 +247,19 @@ def test_ranks_match_reference_and_bytes_are_exact(tmp_path, world, mode, rounds
     # ranks with the extra filter of the uneven group send more
     sent = {r["rank"]: r["allgather_sent"] for r in rows if r["round"] == 1}
     assert sent[0] > sent[world - 1]
-    assert "rank(s)" in p.stdout
+    # one job of `world` ranks (not `world` jobs of one): the file, its per-rank states and /comm say so
+    assert rf.world_size == world and len(rf.ranks) == world
+    assert sorted({r["rank"] for r in rows}) == list(range(world))
+    assert f"on {world} rank(s)" in p.stdout
 
 
-def test_failing_rank_ends_the_job_quickly(tmp_path):
-    t0 = time.time()
+def test_failing_rank_ends_the_job(tmp_path):
+    """Rank 1 raises in round 2; rank 0 must not wait in a collective for ever: the job ends
+    (a hang fails the test through run_job's timeout) with exit 1 and rank 1's traceback."""
     p = run_job(2, ["--stage", "pretrain", *JOB, f"output.dir={tmp_path}"], env={"LOFT_FAULT_INJECT": "1:2"}, timeout=120)
-    took = time.time() - t0
-    assert p.returncode != 0
-    assert "injected fault" in p.stderr
-    assert took < 60, f"job took {took:.0f}s to end after a rank failed"
+    assert p.returncode == 1, f"exit {p.returncode}\n{p.stderr[-3000:]}"
+    assert "loft_hpc: error: rank 1 failed:" in p.stderr and "injected fault" in p.stderr
+    assert not (tmp_path / "pretrain.h5").exists()
 
 
 def test_dense_baseline_bytes(tmp_path):
@@ -279,12 +283,10 @@ def test_dense_baseline_bytes(tmp_path):
 
 
 def test_bad_value_exits_2_on_every_rank(tmp_path):
-    t0 = time.time()
     p = run_job(2, ["--stage", "pretrain", *JOB, "train.local_steps=0", f"output.dir={tmp_path}"], timeout=120)
     assert p.returncode == 2
     assert p.stderr.count("train.local_steps: 0 must be > 0 and finite") == 1, p.stderr
     assert "Traceback" not in p.stderr
-    assert time.time() - t0 < 60
 
 
 def test_group_smaller_than_world_is_a_config_error(tmp_path):
@@ -295,21 +297,17 @@ def test_group_smaller_than_world_is_a_config_error(tmp_path):
 
 
 def test_runs_under_horovodrun(tmp_path):
-    import shutil
-
-    from tests.mpi_util import PY
-
+    # the set-up builds Horovod into the venv: a missing horovodrun is a failure, not a skip
     hvdrun = shutil.which("horovodrun", path=str(Path(PY).parent))
-    if hvdrun is None:
-        pytest.skip("horovodrun is not installed (set-up builds horovod)")
-    env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    import os
-    import subprocess
-
-    e = dict(os.environ, OMP_NUM_THREADS="1", **env)
-    e["PATH"] = f"{Path(PY).parent}:{e['PATH']}"
-    p = subprocess.run([hvdrun, "-np", "2", "-H", "localhost:2", PY, "-m", "loft_hpc.run", "--stage", "pretrain", *JOB,
-                        "train.duration=8it", f"output.dir={tmp_path}"], capture_output=True, text=True, env=e,
-                       timeout=240, cwd=Path(__file__).resolve().parent.parent)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert read_run_file(tmp_path / "pretrain.h5").world_size == 2
+    assert hvdrun is not None, f"horovodrun is not in {Path(PY).parent}: run scripts/setup_env.sh (it builds horovod)"
+    env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [hvdrun, "-np", "2", "-H", "localhost:2", PY, "-m", "loft_hpc.run", "--stage", "pretrain", *JOB,
+           "train.duration=8it", f"output.dir={tmp_path}"]
+    proc = start_job(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        kill_session(proc)
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    rf = read_run_file(tmp_path / "pretrain.h5")
+    assert rf.world_size == 2 and len(rf.ranks) == 2 and rf.progress["step"] == 8
