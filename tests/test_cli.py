@@ -8,7 +8,7 @@ seconds importing torch), so the file stays fast on a small machine.
 from __future__ import annotations
 
 import dataclasses
-import time
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import yaml
 
 from loft_hpc.config import SECTIONS, ConfigError, config_from_dict, load_config
 from loft_hpc.run import STAGES, parse_stages
-from tests.mpi_util import REPO, run_job
+from tests.mpi_util import REPO, kill_all_jobs, run_job
 
 DEFAULT = REPO / "configs" / "default.yaml"
 PRINT_OVERRIDES = ["train.lr=0.2", "prune.ratios=[0.3,0.6]", "train.duration=500it", "train.weight_decay=5e-4",
@@ -27,7 +27,8 @@ ERROR_LINE = "loft_hpc: error: "
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
-    """name -> (CompletedProcess, wall seconds, tmp folder) for every CLI call below."""
+    """name -> CompletedProcess for every CLI call below ("_tmp": their folder). Each job ends
+    within run_job's timeout or fails the tests (bad input must end the job, never hang it)."""
     tmp = tmp_path_factory.mktemp("cli")
     empty = tmp / "empty_run"
     empty.mkdir()
@@ -47,16 +48,21 @@ def jobs(tmp_path_factory):
 
     def one(item):
         name, (np, args) = item
-        t0 = time.perf_counter()
-        p = run_job(np, args, timeout=120)
-        return name, (p, time.perf_counter() - t0)
+        return name, run_job(np, args, timeout=120)
 
     # MPI jobs first: they are the longest
     order = sorted(calls.items(), key=lambda kv: -kv[1][0])
-    with ThreadPoolExecutor(max_workers=2) as ex:
+    ex = ThreadPoolExecutor(max_workers=2)
+    try:
         out = dict(ex.map(one, order))
-    for name, (p, wall) in out.items():
-        print(f"{name}: exit {p.returncode} in {wall:.1f}s")
+    except BaseException:  # a job timed out, or this fixture did: end the other jobs too
+        ex.shutdown(wait=False, cancel_futures=True)
+        kill_all_jobs()
+        raise
+    finally:
+        ex.shutdown(wait=True)
+    for name, p in out.items():
+        print(f"{name}: exit {p.returncode}")
     out["_tmp"] = tmp
     return out
 
@@ -80,12 +86,15 @@ def _error(p, *needles: str, whole_job: bool = False) -> str:
 # --- help ----------------------------------------------------------------------------------------
 
 def test_help_lists_stages_sections_and_keys(jobs):
-    p, _ = jobs["help"]
+    p = jobs["help"]
     assert p.returncode == 0, p.stderr
     out = p.stdout
-    for stage in ("pretrain", "prune", "retrain", "all"):
-        assert stage in STAGES
-        assert f"  {stage} " in out, stage
+    # the "stages:" block: exactly the four stages, in pipeline order, each with its description
+    block = out.split("\nstages:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    listed = [ln.split(None, 1) for ln in block]
+    assert [name for name, _ in listed] == ["pretrain", "prune", "retrain", "all"], block
+    for name, desc in listed:
+        assert desc == STAGES[name], (name, desc)
     for name, (cls, desc) in SECTIONS.items():
         assert f"  {name} " in out and desc in out, name
         for f in dataclasses.fields(cls):
@@ -99,7 +108,7 @@ def test_help_lists_stages_sections_and_keys(jobs):
 # --- --print-config ------------------------------------------------------------------------------
 
 def test_print_config_reflects_overrides(jobs):
-    p, _ = jobs["print"]
+    p = jobs["print"]
     assert p.returncode == 0, p.stderr
     data = yaml.safe_load(p.stdout)
     assert list(data) == list(SECTIONS)
@@ -121,49 +130,42 @@ def test_print_config_reflects_overrides(jobs):
 # --- bad input: exit 2, one line -----------------------------------------------------------------
 
 def test_bad_key(jobs):
-    _error(jobs["bad_key"][0], "train.lcoal_steps", "local_steps")
+    _error(jobs["bad_key"], "train.lcoal_steps", "local_steps")
     assert not (jobs["_tmp"] / "k").exists()
 
 
 def test_bad_stage(jobs):
-    _error(jobs["bad_stage"][0], "--stage", "bogus")
+    _error(jobs["bad_stage"], "--stage", "bogus")
 
 
 def test_missing_config(jobs):
-    _error(jobs["missing_config"][0], "--config", "missing.yaml")
+    _error(jobs["missing_config"], "--config", "missing.yaml")
 
 
 def test_batch_larger_than_training_set(jobs):
-    _error(jobs["big_batch"][0], "data.batch_size", "100000", "1348")
+    _error(jobs["big_batch"], "data.batch_size", "100000", "1348")
     assert not (jobs["_tmp"] / "b").exists()
 
 
 def test_prune_without_pretrain(jobs):
-    _error(jobs["prune_no_pretrain"][0], "--stage prune", "pretrain.h5")
+    _error(jobs["prune_no_pretrain"], "--stage prune", "pretrain.h5")
 
 
 def test_retrain_without_tickets(jobs):
-    _error(jobs["retrain_no_tickets"][0], "--stage retrain", "tickets_")
+    _error(jobs["retrain_no_tickets"], "--stage retrain", "tickets_")
     assert list((jobs["_tmp"] / "empty_run").iterdir()) == []  # nothing written on the way out
-
-
-def test_errors_are_fast(jobs):
-    for name, v in jobs.items():
-        if name.startswith("_") or name.startswith("mpi"):
-            continue
-        assert v[1] < 45, (name, v[1])
 
 
 # --- two real MPI ranks --------------------------------------------------------------------------
 
 def test_mpi_bad_value_one_line(jobs):
     """A bad value only known with the world size (the 1/2 shard of 1,348 samples holds 674 < 1000):
-    both ranks find it, the job prints it once, without a rank prefix, and exits 2 quickly."""
-    p, wall = jobs["mpi_shard_batch"]
+    both ranks find it, the job prints it once, without a rank prefix, and exits 2 (within the
+    fixture's job timeout)."""
+    p = jobs["mpi_shard_batch"]
     line = _error(p, "data.batch_size", "1000", "674", whole_job=True)
-    assert "rank " not in line  # every rank had the same error: reported once, without a rank
+    assert not re.search(r"\brank \d+:", line), line  # every rank had the same error: reported once, no "rank N:"
     assert not (jobs["_tmp"] / "ms").exists()
-    assert wall < 60, wall
 
 
 # --- --stage parsing (in-process) ----------------------------------------------------------------
