@@ -49,10 +49,28 @@ def test_configs_are_shipped():
         assert any(p.name.startswith(ds + "_") for p in PAPER), ds
 
 
+def _same_value(got, raw) -> bool:
+    """A config value equals what the YAML file wrote (steps parsed, '1e-5' as a number)."""
+    if isinstance(got, list):
+        return isinstance(raw, list) and len(got) == len(raw) and all(map(_same_value, got, raw))
+    if isinstance(got, Step):
+        return Step.parse(raw) == got
+    if isinstance(got, float):
+        return not isinstance(raw, bool) and math.isclose(float(raw), got, rel_tol=1e-12)
+    return got == raw
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads(path):
     cfg = _load(path)
-    assert isinstance(cfg, JobConfig)
+    # every value the file writes is the loaded config's value (the file is read, not the defaults)
+    raw = yaml.safe_load(path.read_text())
+    for section, values in raw.items():
+        for key, value in values.items():
+            if (section, key) == ("data", "root") and not value:
+                continue  # _load sets data.root=/x for the external data sets
+            got = getattr(getattr(cfg, section), key)
+            assert _same_value(got, value), f"{path.name}: {section}.{key} = {got!r}, the file says {value!r}"
     # the file names say what the config is
     stem = path.stem
     if stem != "default":
@@ -174,10 +192,12 @@ def test_override_steps():
     assert cfg.train.eval_every == Step(250, "it")  # a bare integer is iterations
 
 
-@pytest.mark.parametrize("text,value", [("5e-4", 5e-4), ("1.0e-5", 1e-5), ("1E-3", 1e-3), ("3", 3.0)])
-def test_override_float_exponent(text, value):
-    # PyYAML (YAML 1.1) reads 5e-4 as the string '5e-4': it must still be a number here
-    assert isinstance(yaml.safe_load(text), (str, int, float))
+@pytest.mark.parametrize("text,value,yaml_type", [("5e-4", 5e-4, str), ("1.0e-5", 1e-5, float), ("1E-3", 1e-3, str),
+                                                  ("3", 3.0, int)])
+def test_override_float_exponent(text, value, yaml_type):
+    # PyYAML (YAML 1.1) reads 5e-4 and 1E-3 as strings, 1.0e-5 as a float, 3 as an int: each must
+    # become the float it names
+    assert type(yaml.safe_load(text)) is yaml_type
     cfg = config_from_dict({}, [f"train.weight_decay={text}"])
     assert cfg.train.weight_decay == pytest.approx(value) and isinstance(cfg.train.weight_decay, float)
 
