@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from loft_hpc.config import ConfigError
 from loft_hpc.config.schema import DataConfig
-from loft_hpc.data import DataBundle, build_datasets, check_data
+from loft_hpc.data import build_datasets, check_data
 from loft_hpc.data.cifar import STATS
 from loft_hpc.data.digits import stratified_split
 
@@ -60,8 +60,13 @@ def _labels(ds):
 
 def test_cifar10_loads_through_torchvision(cifar10_root):
     b = build_datasets(_cfg("cifar10", cifar10_root))
-    assert isinstance(b, DataBundle)
     assert (b.name, b.num_classes, b.in_channels, b.image_size) == ("cifar10", 10, 3, 32)
+    # the training set is data_batch_1..5 in order (not the test batch, not a subset)
+    batches = []
+    for k in range(1, 6):
+        with open(os.path.join(cifar10_root, "cifar-10-batches-py", f"data_batch_{k}"), "rb") as f:
+            batches += pickle.load(f, encoding="latin1")["labels"]
+    assert _labels(b.train) == batches
     assert (len(b.train), len(b.test)) == (53, 21)
     assert b.train.classes == CIFAR10_NAMES
     x, y = b.train[0]
