@@ -127,18 +127,47 @@ def _one_line(e: BaseException) -> str:
 def run_stages(cfg, dist, stages, bundle) -> int:
     from pathlib import Path
 
-    from loft_hpc.checkpoint.h5file import CheckpointError
+    from loft_hpc.checkpoint.lock import LockError, RunLock, job_scopes
     from loft_hpc.checkpoint.paths import RunPaths
-    from loft_hpc.config import config_to_yaml
-    from loft_hpc.exchange.collectives import Collectives
-    from loft_hpc.prune.masks import MaskError
-    from loft_hpc.train.engine import Context, StopForRequeue
-    from loft_hpc.train.signals import EXIT_REQUEUE, StopRequest
-    from loft_hpc.utils.dist import start_horovod
+    from loft_hpc.train.signals import StopRequest
     from loft_hpc.utils.log import error_line, log
 
     stop = StopRequest().install()
     paths = RunPaths(Path(cfg.output.dir))
+    # One writer per output: rank 0 locks the scopes this job writes before anything is written
+    # (mpi4py control message, before Horovod starts); every rank learns the verdict.
+    lock, err = None, None
+    if dist.is_root:
+        try:
+            lock = RunLock(paths.root, job_scopes(stages, cfg.prune.mask_from)).acquire()
+            for note in lock.notes:
+                log(f"lock: {note}", rank=0)
+        except LockError as e:
+            err = str(e)
+        except OSError as e:
+            err = f"output.dir={cfg.output.dir}: cannot be created or written ({e.strerror or e})"
+    err = dist.comm.bcast(err, root=0)
+    if err:
+        if dist.is_root:
+            error_line(err)
+        return EXIT_CONFIG
+    try:
+        return _stages(cfg, dist, stages, bundle, paths, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _stages(cfg, dist, stages, bundle, paths, stop) -> int:
+    from loft_hpc.checkpoint.h5file import CheckpointError
+    from loft_hpc.config import config_to_yaml
+    from loft_hpc.exchange.collectives import Collectives
+    from loft_hpc.prune.masks import MaskError
+    from loft_hpc.train.engine import Context, StopForRequeue
+    from loft_hpc.train.signals import EXIT_REQUEUE
+    from loft_hpc.utils.dist import start_horovod
+    from loft_hpc.utils.log import error_line, log
+
     try:
         start_horovod(dist)
         if dist.is_root:
@@ -168,16 +197,20 @@ def run_stages(cfg, dist, stages, bundle) -> int:
         return 0
     except StopForRequeue:
         return EXIT_REQUEUE
-    except CheckpointError as e:
-        if getattr(e, "agreed", False):  # every rank raised it at the same point: one line, exit 2
+    except (CheckpointError, MaskError) as e:
+        # agreed: every rank raised it at the same point (rank 0's decision, or the same file
+        # checked on every rank): one line, exit 2, no abort needed
+        if getattr(e, "agreed", False) or isinstance(e, MaskError):
             if dist.is_root:
                 error_line(str(e))
             return EXIT_CONFIG
         error_line(f"rank {dist.rank}: {e}")
         dist.abort(EXIT_CONFIG)
-    except MaskError as e:
-        error_line(f"rank {dist.rank}: {e}")
-        dist.abort(EXIT_CONFIG)
+    except OSError as e:
+        # a file that cannot be read or written (disk full, quota, a corrupt image): one line,
+        # and every other rank is stopped at once
+        error_line(f"rank {dist.rank}: {type(e).__name__ + ': ' if type(e) is not OSError else ''}{e}")
+        dist.abort(1)
     except Exception:
         # A failure on one rank must end every rank at once, never leave them in a collective.
         error_line(f"rank {dist.rank} failed:\n{traceback.format_exc()}")

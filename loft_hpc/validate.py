@@ -79,6 +79,11 @@ def check_schedule_points(cfg: JobConfig, n_train: int, world: int, stages: list
 
 def validate_job(cfg: JobConfig, world: int, stages: list[str]):
     """Returns the data bundle (loaded once here, reused by the stages)."""
+    if "pretrain" in stages and cfg.train.workers and cfg.train.workers != world:
+        raise ConfigError(f"train.workers={cfg.train.workers}: this config pretrains on {cfg.train.workers} ranks, "
+                          f"the job has {world} (start {cfg.train.workers} ranks, or set train.workers={world} or 0 "
+                          f"to pretrain {'LoFT-' + str(world) if cfg.train.method == 'loft' else 'on ' + str(world) + ' ranks'})")
+    from loft_hpc.checkpoint.h5file import CheckpointError, weight_snapshot_labels
     from loft_hpc.checkpoint.paths import RunPaths
     from loft_hpc.data import build_datasets, check_data
     from loft_hpc.partition.plan import check_partitionable
@@ -121,6 +126,16 @@ def validate_job(cfg: JobConfig, world: int, stages: list[str]):
     paths = RunPaths(cfg.output.dir)
     if "pretrain" not in stages and "prune" in stages and not paths.pretrain.is_file():
         raise ConfigError(f"--stage prune: {paths.pretrain} does not exist (run --stage pretrain with output.dir={cfg.output.dir} first)")
+    if "pretrain" not in stages and "prune" in stages:
+        try:
+            labels = weight_snapshot_labels(paths.pretrain)
+        except CheckpointError as e:
+            raise ConfigError(f"--stage prune: {e}") from None
+        for key, value in (("prune.mask_from", cfg.prune.mask_from), ("prune.rewind", cfg.prune.rewind)):
+            if value not in ("init", "end") and str(Step.parse(value)) not in labels:
+                raise ConfigError(f"{key}={value}: {paths.pretrain} holds no weight snapshot requested at {value} "
+                                  f"(it has: {', '.join(sorted(labels)) or 'none'}); snapshots are stored only when "
+                                  f"requested before pretraining (prune.rewind, prune.mask_from, output.snapshot_weights)")
     if "prune" not in stages and "retrain" in stages:
         for r in cfg.prune.ratios:
             t = paths.ticket(cfg.prune.mask_from, r)

@@ -20,7 +20,7 @@ from loft_hpc.partition.plan import PartitionPlan
 from loft_hpc.partition.slicing import TensorSlicer, subnetwork
 from loft_hpc.stages.common import make_model
 from loft_hpc.train.stream import BatchStream
-from tests.mpi_util import TINY, ok, run_job
+from tests.mpi_util import REPO, TINY, ok, run_job
 
 
 # Uneven group sizes: LeNet at width 7 has 33 and 11 hidden units; Conv-4 at width 5 has
@@ -172,7 +172,7 @@ def test_two_ranks_untrained_entries_keep_weights_and_momentum(tmp_path):
         runs[r] = read_run_file(out / "pretrain.h5")
     last, before = runs[rounds], runs[rounds - 1]
     assert last.progress["round"] == rounds
-    cfg = load_config("configs/default.yaml", ARGS + [f"train.duration={rounds * K}it", f"output.dir={tmp_path}"])
+    cfg = load_config(str(REPO / "configs" / "default.yaml"), ARGS + [f"train.duration={rounds * K}it", f"output.dir={tmp_path}"])
     model = make_model(cfg, build_datasets(cfg.data))
     groups = [g for g in model.filter_groups() if g.partitioned]
     slicer = TensorSlicer(groups)
@@ -180,6 +180,10 @@ def test_two_ranks_untrained_entries_keep_weights_and_momentum(tmp_path):
     assert partially_trained(slicer, plan) == ["fc2.weight"]
     frac = trained_fraction(slicer, plan)
     assert frac["fc2.weight"] == (17 * 6 + 16 * 5) / (33 * 11)  # 33 = 17 + 16 units, 11 = 6 + 5
+    # the pretraining file records it per tensor (/coverage), counted here by hand
+    cov = {r["name"]: r["trained_fraction"] for r in last.coverage}
+    assert cov["fc2.weight"] == (17 * 6 + 16 * 5) / (33 * 11) and cov["fc1.weight"] == 1.0
+    assert "train only the ranks' diagonal blocks each round" in p.stdout and "fc2.weight 0.501" in p.stdout
     t = "fc2.weight"
     trained = trained_mask(slicer, plan, t, last.model[t].shape)
     assert int(trained.sum()) == 17 * 6 + 16 * 5

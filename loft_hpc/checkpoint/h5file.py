@@ -7,8 +7,10 @@ folder after it, so a file that has its real name survives a crash of the node.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -17,7 +19,8 @@ import h5py
 import numpy as np
 import torch
 
-from loft_hpc.checkpoint.layout import COMM_FIELDS, FORMAT, FORMAT_VERSION, METRIC_FIELDS, SPARSITY_FIELDS
+from loft_hpc.checkpoint.layout import (COMM_FIELDS, COVERAGE_FIELDS, FORMAT, FORMAT_VERSION, METRIC_FIELDS,
+                                       SPARSITY_FIELDS)
 
 
 class CheckpointError(RuntimeError):
@@ -50,6 +53,7 @@ class RunFile:
     metrics: list[dict] = field(default_factory=list)
     comm: list[dict] = field(default_factory=list)
     sparsity: list[dict] = field(default_factory=list)
+    coverage: list[dict] = field(default_factory=list)
     complete: bool = False
 
 
@@ -128,10 +132,32 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def estimated_size(rf: RunFile) -> int:
+    """An upper estimate of the file's size in bytes (tensors uncompressed, plus metadata)."""
+    n = sum(t.numel() * t.element_size() for d in (rf.model, rf.momentum, rf.init) for t in d.values())
+    n += sum(t.numel() for t in rf.masks.values())
+    for st in rf.ranks:
+        n += sum(t.numel() * t.element_size() for t in st.get("buffers", {}).values()) + 64 * 1024
+    n += sum(len(rows) * (rows[0].size * 4 if rows else 0) for per in rf.snap_scores.values() for rows in per.values())
+    n += 200 * (len(rf.metrics) + len(rf.comm) + len(rf.sparsity) + len(rf.coverage)) + len(rf.config_yaml)
+    return int(n * 1.1) + (1 << 20)
+
+
+def _check_free_space(path: str, folder: str, rf: RunFile) -> None:
+    """Refuse to start a write that cannot fit: HDF5 may crash the process (not raise) when the
+    disk fills up in the middle of a write, so a full disk must be caught before."""
+    st = os.statvfs(folder)
+    free, need = st.f_bavail * st.f_frsize, estimated_size(rf)
+    if free < need:
+        raise OSError(errno.ENOSPC, f"cannot write {path}: {os.strerror(errno.ENOSPC)} "
+                                    f"({free / 1e6:.1f} MB free, about {need / 1e6:.1f} MB needed)")
+
+
 def write_run_file(path: str | os.PathLike, rf: RunFile) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
+    _check_free_space(path, folder, rf)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=folder)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: honour the umask as open() would
@@ -180,13 +206,21 @@ def write_run_file(path: str | os.PathLike, rf: RunFile) -> None:
             _table(f, "comm", COMM_FIELDS, rf.comm)
             if rf.sparsity:
                 _table(f, "sparsity", SPARSITY_FIELDS, rf.sparsity)
+            if rf.coverage:
+                _table(f, "coverage", COVERAGE_FIELDS, rf.coverage)
             f.flush()
         _fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(folder)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CheckpointError):
+            # HDF5 reports a full disk or quota as RuntimeError ("unable to extend file ...
+            # errno = 28"): say which file could not be written, as an OSError with its errno
+            m = re.search(r"errno = (\d+)", str(e))
+            code = getattr(e, "errno", None) or (int(m.group(1)) if m else errno.EIO)
+            raise OSError(code, f"cannot write {path}: {os.strerror(code)}") from None
         raise
 
 
@@ -247,8 +281,24 @@ def _read_open(path: str, f: h5py.File) -> RunFile:
         metrics=_read_table(f["metrics"]) if "metrics" in f else [],
         comm=_read_table(f["comm"]) if "comm" in f else [],
         sparsity=_read_table(f["sparsity"]) if "sparsity" in f else [],
+        coverage=_read_table(f["coverage"]) if "coverage" in f else [],
         complete=bool(f.attrs.get("complete", 0)),
     )
+
+
+def weight_snapshot_labels(path: str | os.PathLike) -> dict[str, str]:
+    """The requested-label -> file map of a pretraining file, read cheaply (no tensors); a file
+    that is not a readable loft_hpc file of this format version raises :class:`CheckpointError`."""
+    path = os.fspath(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT or int(f.attrs.get("format_version", -1)) != FORMAT_VERSION:
+                raise CheckpointError(f"{path}: not a loft_hpc file of format version {FORMAT_VERSION}")
+            return {k: str(v) for k, v in f["snapshots/weights"].attrs.items()} if "snapshots/weights" in f else {}
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read as HDF5 ({e.__class__.__name__})") from None
 
 
 def check_model_state(path: str, saved: dict[str, torch.Tensor], model: torch.nn.Module, arch: str, saved_arch: str) -> None:

@@ -42,6 +42,10 @@
                               allgather_received, allreduce_sent, allreduce_received (bytes),
                               seconds (wall time this rank spent in those collectives)
     /sparsity                 compound per tensor: name, kept, total (ticket / retrain files)
+    /coverage                 compound per sliced tensor: name, trained_fraction (LoFT pretraining):
+                              the fraction of its entries trained in each round (1 for a tensor
+                              sliced on one dim; below 1 for one sliced on two, where only the
+                              ranks' diagonal blocks train: the independent-subnet design)
 
 Group names of filter groups may contain dots; tensor names are state_dict keys (dots kept).
 Readers must check ``format_version``; writers bump it on any incompatible change.
@@ -61,3 +65,4 @@ METRIC_FIELDS = [("step", np.int64), ("round", np.int64), ("epoch", np.float64),
 COMM_FIELDS = [("round", np.int64), ("step", np.int64), ("rank", np.int64), ("allgather_sent", np.int64),
                ("allgather_received", np.int64), ("allreduce_sent", np.int64), ("allreduce_received", np.int64), ("seconds", np.float64)]
 SPARSITY_FIELDS = [("name", "S256"), ("kept", np.int64), ("total", np.int64)]
+COVERAGE_FIELDS = [("name", "S256"), ("trained_fraction", np.float64)]

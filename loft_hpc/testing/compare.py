@@ -44,6 +44,7 @@ def run_differences(a, b) -> list[str]:
     d += _rows("/metrics", a.metrics, b.metrics)
     d += _rows("/comm", a.comm, b.comm)
     d += _rows("/sparsity", a.sparsity, b.sparsity)
+    d += _rows("/coverage", a.coverage, b.coverage)
     if a.snap_index != b.snap_index:
         d.append("snapshot index differs")
     if set(a.snap_scores) != set(b.snap_scores):

@@ -84,6 +84,7 @@ class RoundTrainer:
         self.masks = masks
         self.mask_attrs = mask_attrs or {}
         self.sparsity = sparsity or []
+        self.coverage: list[dict] = []  # LoFT: fraction of each sliced tensor trained per round
         self.init = init
         self.step = 0
         self.round = 0

@@ -11,6 +11,7 @@ import hashlib
 import torch
 
 from loft_hpc.exchange.shards import ShardExchange
+from loft_hpc.partition.coverage import trained_fraction
 from loft_hpc.partition.plan import PartitionPlan
 from loft_hpc.train.bn_recalibration import recalibrate_bn
 from loft_hpc.partition.slicing import TensorSlicer, subnetwork
@@ -33,6 +34,14 @@ class LoftTrainer(RoundTrainer):
         self.exchange = ShardExchange(model, self.slicer, self.coll, carry_momentum=self.carry)
         self.full_mom = {n: torch.zeros_like(p) for n, p in model.named_parameters()} if self.carry else {}
         self.sync_checks = 0
+        # the same every round (each rank's share size is fixed): recorded once, in /coverage
+        frac = trained_fraction(self.slicer, self.plan(0))
+        self.coverage = [{"name": n, "trained_fraction": f} for n, f in frac.items()]
+        partial = {n: f for n, f in frac.items() if f < 1}
+        if partial:
+            log("pretrain: tensors sliced on two dims train only the ranks' diagonal blocks each round "
+                "(independent subnets; the others keep their weights and momentum): "
+                + ", ".join(f"{n} {f:.3f}" for n, f in partial.items()), rank=self.dist.rank)
 
     def plan(self, round_: int) -> PartitionPlan:
         return PartitionPlan.draw(self.cfg.train.seed, round_, self.partitioned, self.dist.size)

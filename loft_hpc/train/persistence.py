@@ -42,7 +42,7 @@ def runfile(tr, *, stage: str, complete: bool, light: bool = False, ranks=None) 
                   "wall_time": tr.wall, "batches_per_epoch": tr.bpe},
         momentum={} if light else {n: t.detach().cpu() for n, t in tr.momentum_state().items()},
         ranks=[] if light else (ranks or []), init={} if light else (tr.init or {}),
-        masks=tr.masks or {}, mask_attrs=tr.mask_attrs, sparsity=tr.sparsity,
+        masks=tr.masks or {}, mask_attrs=tr.mask_attrs, sparsity=tr.sparsity, coverage=tr.coverage,
         snap_index=[] if light else h.snap_index, snap_scores={} if light else h.snap_scores,
         weight_snapshots=h.weight_snapshots, metrics=[] if light else h.metrics,
         comm=[] if light else h.comm, complete=complete)
