@@ -18,7 +18,7 @@ Inventory (raise -> where tested):
            _steps, rewind, ratios, mask_from, data.root        test_config
   validate.py _check_before_end (milestones, snapshots, rewind, mask_from)  test_config
            rewind at step 0                                    test_config
-           mask_from at step 0                    -> here (and its hint: see the xfail below)
+           mask_from at step 0                    -> here (and its hint)
            make_model ValueError -> ConfigError   -> here: test_impossible_model_is_a_config_error
            check_partitionable                                 test_loft_mpi (CLI, 4 ranks)
            batch size larger than the samples per rank -> here (pretraining LoFT / dense, retraining)
@@ -26,8 +26,8 @@ Inventory (raise -> where tested):
            prune.groups=partitioned without partitioned groups -> here
            --stage prune without pretrain.h5      -> here
            --stage retrain without the ticket     -> here
-  Missing: output.snapshot_weights=[0it] is accepted but never stored -> xfail here.
-  Defect in a message: the mask_from-at-step-0 hint names a refused value -> xfail here.
+  output.snapshot_weights=[0it] is stored (theta_0, on a fresh start)  -> here
+  the mask_from-at-step-0 hint names a value mask_from accepts         -> here
 """
 from __future__ import annotations
 
@@ -159,13 +159,18 @@ def test_mask_from_at_step_zero(tmp_path):
     cfg = cfg_for(tmp_path, ["output.snapshot_weights=[0it]", "prune.mask_from=0it"])
     with pytest.raises(ConfigError) as e:
         validate_job(cfg, 1, ["prune"])
-    assert one_line(e) == "prune.mask_from: 0it is the start of pretraining: use prune.mask_from=init (theta_0)"
+    assert one_line(e) == ("prune.mask_from: 0it is the start of pretraining: theta_0 ranks nothing that "
+                           "training found: use a later step or prune.mask_from=end")
 
 
-@pytest.mark.xfail(strict=True, reason="the hint of the mask_from-at-step-0 error names a value that "
-                                       "prune.mask_from refuses ('init' is not end or a step)")
-def test_mask_from_at_step_zero_hint_is_a_valid_value():
-    config_from_dict({}, ["prune.mask_from=init"])
+def test_mask_from_at_step_zero_hint_is_a_valid_value(tmp_path):
+    """The value the hint names is one prune.mask_from accepts (and validation passes with it)."""
+    cfg = cfg_for(tmp_path, ["output.snapshot_weights=[0it]", "prune.mask_from=0it"])
+    with pytest.raises(ConfigError) as e:
+        validate_job(cfg, 1, ["pretrain", "prune"])
+    hint = one_line(e).rsplit(" ", 1)[-1]
+    assert hint == "prune.mask_from=end"
+    validate_job(cfg_for(tmp_path, ["output.snapshot_weights=[0it]", hint]), 1, ["pretrain", "prune"])
 
 
 def test_structured_pruning_of_partitioned_groups_needs_some(tmp_path):
@@ -203,9 +208,6 @@ def test_retrain_stage_without_the_ticket(tmp_path):
     validate_job(cfg, 1, ["pretrain", "prune", "retrain"])  # pruning in the same job writes them
 
 
-@pytest.mark.xfail(strict=True, reason="output.snapshot_weights=[0it] passes validation but is never stored: a "
-                                       "weight snapshot is taken at the round boundary with prev < s <= step, which "
-                                       "s = 0 never satisfies (loft_hpc/train/engine.py, events.py)")
 def test_weight_snapshot_at_step_zero_is_rejected_or_stored(tmp_path):
     """A requested weight snapshot at step 0 must either be refused by validation (exit 2, one
     line naming output.snapshot_weights, as prune.rewind=0it is) or be written."""

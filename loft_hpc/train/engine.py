@@ -149,6 +149,9 @@ class RoundTrainer:
             self.seed_global_rngs()
             self.on_fresh_start()
             self._snapshot()
+            at_start = sorted(self.events.weight_steps.get(0, ()))
+            if at_start:  # a weight snapshot requested at step 0 ('0it', '0ep'): theta_0 itself
+                persistence.save_weight_snapshot(self, at_start)
         self.ledger.record(self.round, self.step)  # round 0: whatever moved before the first step
         t0 = time.time() - self.wall
         bar = self._progress_bar()
