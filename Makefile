@@ -6,7 +6,7 @@ NP ?= 4
 CONFIG ?= configs/default.yaml
 ARGS ?=
 
-.PHONY: setup run test bench clean-runs
+.PHONY: setup run test bench mutation clean-runs
 setup:
 	@bash scripts/setup_env.sh
 
@@ -18,6 +18,13 @@ test: setup
 
 bench: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) tools/bench_loft.py $(ARGS)
+
+# Mutation testing of the pure modules against the fast single-process tests (outside CI; see
+# tools/mutation_report.py and [mutmut] in setup.cfg). Works on a copy in build/mutation/.
+MUTMUT_VERSION ?= 3.8.1
+mutation: setup
+	$(PY) -m pip install -q 'mutmut==$(MUTMUT_VERSION)'
+	OMP_NUM_THREADS=1 $(PY) tools/mutation_report.py $(ARGS)
 
 clean-runs:
 	rm -rf runs
