@@ -9,9 +9,11 @@ h. tools/heatmap.py: the matrices and curves it draws equal filter distances com
 i. tools/bench_loft.py on a tiny setting: the byte counts it reports equal the analytic counts of
    loft_hpc/exchange/accounting.py and what the run's /comm says (timings are not asserted).
 
-Two defects of the byte records of dense files are shown by strict xfails: the BN averaging of an
-evaluation that is not a checkpoint is booked in the next step's /comm row, and a /metrics row's
-byte counters miss the BN averaging of its own evaluation (comm_table then says DIFFERENT).
+Two byte-record checks of dense files were strict xfails against 65a39db, where they failed: the
+BN averaging of an evaluation that is not a checkpoint was booked in the next step's /comm row, and
+a /metrics row's byte counters missed the BN averaging of its own evaluation (comm_table said
+DIFFERENT). The engine split (5bcea23: the ledger records an evaluation's bytes before its
+/metrics row) fixed both; they are plain tests now.
 """
 from __future__ import annotations
 
@@ -158,20 +160,16 @@ def test_comm_table_on_dense_and_retrain_files(dense_dir, name):
     assert f"{equal}/{len(steps)} rows equal it" in p.stdout, p.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="the BN statistics averaged at an evaluation that is not also a checkpoint "
-                                       "are booked in the /comm row of the next step (they are counted after the "
-                                       "round's row was recorded, and no checkpoint merges them into it)")
 @pytest.mark.parametrize("name", ["pretrain.h5", "retrain_p50.h5"])
 def test_comm_rows_book_the_bn_averaging_at_its_evaluation(dense_dir, name):
+    """The BN statistics averaged by an evaluation are in the /comm row of that evaluation's step,
+    also where no checkpoint follows (evaluations at 4 and 8, checkpoints at 6 and 12)."""
     rf = read_run_file(dense_dir / name)
     n_params, n_stats = trainable_and_bn(rf.model)
     with_bn = sorted({r["step"] for r in step_rows(rf) if r["allreduce_sent"] == 4 * (n_params + n_stats)})
     assert with_bn == EVAL_STEPS[name]
 
 
-@pytest.mark.xfail(strict=True, reason="a /metrics row's byte counters miss the BN averaging of its own evaluation "
-                                       "(the row is written before those bytes reach the rank's totals), so "
-                                       "comm_table's check of /metrics against /comm says DIFFERENT on dense files")
 @pytest.mark.parametrize("name", ["pretrain.h5", "retrain_p50.h5"])
 def test_metrics_byte_counters_agree_with_comm(dense_dir, name):
     """Each /metrics row's bytes (all ranks, cumulative) are the bytes of the /comm rows up to its
