@@ -70,7 +70,7 @@ def default_config_path() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from loft_hpc.config import ConfigError, config_to_yaml, load_config
-    from loft_hpc.utils.dist import init_mpi
+    from loft_hpc.utils.dist import init_mpi, set_deterministic
     from loft_hpc.utils.log import error_line
 
     # Before the first collective every failure, expected (ConfigError) or not, is caught on the
@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         err = str(e)
     except Exception as e:  # noqa: BLE001 - reported as one line below
         err, code = _one_line(e), 1
+    if cfg is not None:
+        set_deterministic(cfg.train.deterministic)
     try:
         dist = init_mpi(cfg.train.device if cfg else "cpu", cfg.train.threads if cfg else 1)
     except RuntimeError as e:

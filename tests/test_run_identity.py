@@ -8,7 +8,7 @@ import shutil
 
 import torch
 
-from loft_hpc.checkpoint.h5file import read_run_file
+from loft_hpc.checkpoint.h5file import read_run_file, write_run_file
 from loft_hpc.checkpoint.identity import differences, make_identity
 from loft_hpc.checkpoint.paths import RunPaths
 from loft_hpc.config import load_config
@@ -38,10 +38,20 @@ def one_error_line(p) -> str:
 
 def test_identity_keeps_result_keys_and_hashes_inputs(tmp_path):
     cfg = load_config(str(REPO / "configs" / "default.yaml"), ["train.lr=0.05"])
+    from tests.test_checkpoint import sample_runfile
+
     f = tmp_path / "tickets_p50.h5"
-    f.write_bytes(b"abc")
+    rf = sample_runfile()
+    write_run_file(f, rf)
     ident = make_identity(cfg, "retrain", [f])
-    assert ident["inputs"] == {"tickets_p50.h5": hashlib.sha256(b"abc").hexdigest()}
+    assert list(ident["inputs"]) == ["tickets_p50.h5"] and len(ident["inputs"]["tickets_p50.h5"]) == 64
+    # the digest is of what a stage reads, not of the bytes: another creation time and other
+    # wall-clock histories (a rerun of the same job) give the same digest ...
+    again = sample_runfile()
+    again.metrics[0]["wall_time"] = 99.0
+    again.progress["wall_time"] = 12.5
+    write_run_file(f, again)
+    assert make_identity(cfg, "retrain", [f]) == ident
     assert "retrain.lr" in ident["config"] and "train.seed" in ident["config"]
     assert "train.lr" not in ident["config"]  # pretraining's lr does not change a retraining
     assert not any(k.startswith("output.") or k in ("data.root", "data.num_workers") for k in ident["config"])
@@ -50,9 +60,16 @@ def test_identity_keeps_result_keys_and_hashes_inputs(tmp_path):
     other = make_identity(load_config(str(REPO / "configs" / "default.yaml"), ["train.lr=0.1", "data.num_workers=2"]),
                           "pretrain")
     assert differences(pre, other) == ["train.lr 0.05 -> 0.1"]
-    f.write_bytes(b"abd")
-    d = differences(ident, make_identity(cfg, "retrain", [f]))
-    assert len(d) == 1 and d[0].startswith("input tickets_p50.h5 changed")
+    # ... one weight or one mask entry more or less does not
+    for change in ("weight", "mask"):
+        other = sample_runfile()
+        if change == "weight":
+            other.model["conv.weight"][0, 0, 0, 0] += 1e-6
+        else:
+            other.masks["conv.weight"][0, 0, 0, 0] = ~other.masks["conv.weight"][0, 0, 0, 0]
+        write_run_file(f, other)
+        d = differences(ident, make_identity(cfg, "retrain", [f]))
+        assert len(d) == 1 and d[0].startswith("input tickets_p50.h5 changed"), (change, d)
 
 
 def test_checkpoint_of_another_config_is_refused_then_restarted(tmp_path):

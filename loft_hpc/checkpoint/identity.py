@@ -9,9 +9,11 @@ An identity is ``{"kind", "config": {"section.key": value}, "inputs": {name: sha
   Keys that only change how a job runs or reports (``OPERATIONAL``: data location, loader
   workers, evaluation cadence, logging, threads, device, output) are left out, so moving the data
   or evaluating more often never blocks a resume.
-- ``inputs`` holds the SHA-256 of the content of every file the stage read (the pretraining file,
-  the ticket, the previous IMP level, weight snapshots): re-pruning with another method rewrites
-  the ticket, and the retraining checkpoint made from the old ticket is then refused.
+- ``inputs`` holds the content digest of every file the stage read (the pretraining file, the
+  ticket, the previous IMP level, weight snapshots: :func:`content_digest`, the SHA-256 of its
+  tensors and identity, not of its bytes, which hold creation and wall-clock times): re-pruning
+  with another method rewrites the ticket, and the retraining checkpoint made from the old ticket
+  is then refused; re-running the same job gives the same digests.
 
 Every checkpoint and final file stores its identity (``/identity``). :func:`differences` names
 what changed, in one line.
@@ -60,14 +62,22 @@ def _plain(v):
     return str(v)  # Step -> '20ep'
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+def content_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of what a stage reads from a run file: its tensors (model, masks, theta_0, by name),
+    mask attributes and its own identity. Creation times and wall-clock histories are left out,
+    so two identical runs give files with the same digest."""
+    import json
+
+    from loft_hpc.checkpoint.h5file import read_run_file
+
+    rf = read_run_file(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
+    for part, tensors in (("model", rf.model), ("masks", rf.masks), ("init", rf.init)):
+        for n in sorted(tensors):
+            t = tensors[n].detach().cpu().contiguous()
+            h.update(f"{part}/{n}/{t.dtype}/{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+    h.update(json.dumps({"mask_attrs": rf.mask_attrs, "identity": rf.identity}, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
@@ -75,7 +85,7 @@ def make_identity(cfg: JobConfig, kind: str, inputs: list[Path] = ()) -> dict:
     want = RESULT_KEYS[kind]
     config = {k: v for k, v in flat_config(cfg).items()
               if k not in OPERATIONAL and (k in want or k.split(".", 1)[0] in want)}
-    return {"kind": kind, "config": config, "inputs": {Path(p).name: sha256_file(p) for p in inputs}}
+    return {"kind": kind, "config": config, "inputs": {Path(p).name: content_digest(p) for p in inputs}}
 
 
 def differences(saved: dict, current: dict) -> list[str]:

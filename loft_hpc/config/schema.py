@@ -80,6 +80,7 @@ class TrainConfig:
     log_every: int = opt(20, "log a line every this many steps", check=POS)
     seed: int = opt(0, "seed of everything: initial weights, partitions, data order, augmentation", check=NONNEG)
     device: str = opt("auto", "auto (one CUDA device per local rank when available, else CPU), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    deterministic: bool = opt(False, "torch's deterministic algorithms (torch.use_deterministic_algorithms, cuDNN benchmark off, CUBLAS_WORKSPACE_CONFIG): bit-identical reruns on CUDA too, at some speed; CPU runs are deterministic without it")
     threads: int = opt(0, "torch intra-op threads per rank (0 = cores / local ranks, at least 1)", check=NONNEG)
     progress: bool = opt(True, "tqdm progress bar on rank 0 (only when stderr is a terminal)")
 

@@ -47,6 +47,16 @@ class Dist:
         os._exit(code)
 
 
+def set_deterministic(on: bool) -> None:
+    """torch's deterministic algorithms for the whole process (before the first CUDA kernel)."""
+    if not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def init_mpi(device_pref: str = "auto", threads: int = 0) -> Dist:
     """MPI only (mpi4py initialises it): enough to validate inputs and agree on errors before
     the first Horovod collective. One device per local rank; torch threads per rank."""
