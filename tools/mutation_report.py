@@ -16,8 +16,8 @@ How it runs (frugal on a shared machine):
 * one module at a time (``mutmut run 'loft_hpc.<module>.x_<function>__mutmut_*' ...``), each
   mutant in its own forked worker that runs only the tests which reached the mutated function
   while mutmut collected its statistics (``--jobs`` workers, default 1);
-* functions that are not pure (``EXCLUDED``: validate_job loads data sets and reads the run folder)
-  are neither run nor counted.
+* functions that are not pure (``EXCLUDED``: validate_job loads data sets and reads the run folder,
+  identity.content_digest reads an HDF5 run file) are neither run nor counted.
 
 The table counts, per module: killed (a test failed, or the mutant ran past mutmut's time limit),
 survived (every test passed), no tests (no selected test reaches the function: also a survivor)
@@ -48,7 +48,8 @@ COPY = ("loft_hpc", "tests", "configs", "setup.cfg")
 SEP = "\u01c1"  # mutmut's class/method separator in mutant names
 
 # functions that are not pure: not mutated, not counted ({module path: [function]})
-EXCLUDED = {"loft_hpc/validate.py": ["validate_job"]}
+EXCLUDED = {"loft_hpc/validate.py": ["validate_job"],                 # loads data, reads the run folder
+            "loft_hpc/checkpoint/identity.py": ["content_digest"]}  # reads an HDF5 run file
 
 KILLED = {1, 3, 24, -24, 36, 152, 255}   # test failures, pytest internal errors, time limits
 TIMEOUT = {24, -24, 36, 152, 255}
@@ -81,7 +82,8 @@ def modules(cp: configparser.ConfigParser) -> list[str]:
 
 def functions(path: str) -> list[str]:
     """mutmut's mangled names of the top-level functions and methods of ``path``, minus EXCLUDED."""
-    tree = ast.parse((REPO / path).read_text(encoding="utf-8"))
+    src = WORK / path if (WORK / path).is_file() else REPO / path   # the copy that was mutated
+    tree = ast.parse(src.read_text(encoding="utf-8"))
     skip = set(EXCLUDED.get(path, ()))
     out = []
     for node in tree.body:
@@ -113,9 +115,12 @@ def prepare(cp: configparser.ConfigParser, fresh: bool) -> None:
             shutil.copy2(src, dst)
     sel = []
     for arg in lines(cp, "pytest_add_cli_args_test_selection"):
-        path = arg.split("::", 1)[0]
+        path, _, name = arg.partition("::")
         if path.startswith("tests/") and not (REPO / path).exists():
             print(f"  (test selection: {path} does not exist, left out)")
+            continue
+        if name and f"def {name.split('[')[0]}(" not in (REPO / path).read_text(encoding="utf-8"):
+            print(f"  (test selection: {arg} does not exist, left out)")
             continue
         sel.append(arg)
     out = configparser.ConfigParser()
