@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import shutil
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from loft_hpc.partition.slicing import TensorSlicer, subnetwork
 from loft_hpc.prune.masks import MaskError, apply_masks_, sparsity_report, validate_masks
 from loft_hpc.prune.structured import channel_keep, channels_alive, global_scores, masks_from_channels
 from loft_hpc.prune.unstructured import lth_pruned_fraction, magnitude_masks
-from tests.mpi_util import TINY, assert_same_run, ok, run_job
+from tests.mpi_util import REPO, TINY, assert_same_run, ok, run_job
 
 
 def small(arch="preresnet18", **kw):
@@ -267,21 +269,65 @@ def test_validate_masks_rejects_bad_masks():
 
 
 # ---------------------------------------------------------------- the stages end to end
+# Weight snapshots at 8 and 16 steps: a ticket can rank its filters by one and start from the
+# other, so a test tells which weights ranked (prune.mask_from) from which seeded it (prune.rewind).
 PIPE = TINY + ["train.duration=24it", "train.local_steps=4", "train.eval_every=12it", "output.checkpoint_every=12it",
-               "output.snapshot_every=4it", "output.snapshot_weights=[8it]", "retrain.duration=12it",
+               "output.snapshot_every=4it", "output.snapshot_weights=[8it, 16it]", "retrain.duration=12it",
                "retrain.lr=0.05", "train.check_sync=true"]
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
+    """A LoFT-2 pretraining folder; tests copy it (copy_run) and never write here."""
     out = tmp_path_factory.mktemp("pipe")
     ok(run_job(2, ["--stage", "pretrain", *PIPE, f"output.dir={out}"]))
     return out
 
 
-def test_structured_ticket_retrained_with_mask_exactly_zero(pretrained):
-    out = pretrained
+@pytest.fixture(scope="module")
+def structured_p50(pretrained, tmp_path_factory):
+    """A copy of ``pretrained`` with the structured p50 ticket found and retrained on 2 ranks:
+    (folder, the job's stdout); tests copy the folder and never write here."""
+    out = copy_run(pretrained, tmp_path_factory.mktemp("p50") / "run")
     p = ok(run_job(2, ["--stage", "prune,retrain", *PIPE, "prune.ratios=[0.5]", f"output.dir={out}"]))
+    return out, p.stdout
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("ckpt"))
+    return dst
+
+
+def digests(folder) -> dict[str, str]:
+    return {str(q.relative_to(folder)): hashlib.sha256(q.read_bytes()).hexdigest()
+            for q in sorted(folder.rglob("*")) if q.is_file()}
+
+
+@functools.lru_cache(maxsize=1)
+def pipe_groups():
+    """The partitioned filter groups of the PIPE model (built, not trained: only names and sizes)."""
+    from loft_hpc.config import load_config
+    from loft_hpc.data import build_datasets
+    from loft_hpc.stages.common import make_model
+
+    cfg = load_config(REPO / "configs" / "default.yaml", PIPE)
+    return tuple(g for g in make_model(cfg, build_datasets(cfg.data)).filter_groups() if g.partitioned)
+
+
+def kept_filters(masks: dict, g) -> torch.Tensor:
+    """The filters of group g a structured mask keeps: its producer's rows, each all kept or all pruned."""
+    rows = masks[g.producer].reshape(g.size, -1)
+    assert torch.equal(rows.all(1), rows.any(1)), f"{g.producer}: a filter is partly pruned"
+    return rows.all(1)
+
+
+def l2_scores(weights: dict, g) -> torch.Tensor:
+    w = weights[g.producer].reshape(g.size, -1).double()
+    return (w * w).sum(1)
+
+
+def test_structured_ticket_retrained_with_mask_exactly_zero(structured_p50):
+    out, stdout = structured_p50
     ticket = read_run_file(out / "tickets_p50.h5")
     pre = read_run_file(out / "pretrain.h5")
     for n, m in ticket.masks.items():  # rewind=end: the pretrained weights, masked
@@ -291,14 +337,20 @@ def test_structured_ticket_retrained_with_mask_exactly_zero(pretrained):
     for n, m in rf.masks.items():
         assert torch.count_nonzero(rf.model[n][~m]) == 0, f"pruned weights of {n} moved"
         assert not torch.equal(rf.model[n][m], ticket.model[n][m]), f"{n} did not train"
-    kept = sum(r["kept"] for r in rf.sparsity)
-    total = sum(r["total"] for r in rf.sparsity)
+    # sparsity counted from the masks themselves, and the file's /sparsity table agrees with them
+    kept = sum(int(m.sum()) for m in rf.masks.values())
+    total = sum(m.numel() for m in rf.masks.values())
     assert abs(1 - kept / total - 0.5) < 0.02
-    assert "pruned" in p.stdout and "overall" in p.stdout
+    assert {r["name"]: (r["kept"], r["total"]) for r in rf.sparsity} == \
+        {n: (int(m.sum()), m.numel()) for n, m in rf.masks.items()}
+    assert "pruned" in stdout and "overall" in stdout
 
 
-def test_imp_rewind_init_unstructured(pretrained):
-    out = pretrained
+def test_imp_rewind_init_unstructured(pretrained, tmp_path):
+    """IMP, 2 levels, rewound to theta_0 and ranked by the end of pretraining: level 1's masks are
+    the largest magnitudes of the pretrained weights (not of theta_0), level 2's those of the level-1
+    ticket retrained, among its survivors; the ticket holds theta_0 masked."""
+    out = copy_run(pretrained, tmp_path / "imp")
     args = [*PIPE, "prune.method=unstructured", "prune.scope=global", "prune.levels=2", "prune.rewind=init",
             "prune.ratios=[0.75]", "retrain.duration=6it"]
     ok(run_job(0, ["--stage", "prune", *args, f"output.dir={out}"]))
@@ -314,35 +366,61 @@ def test_imp_rewind_init_unstructured(pretrained):
         assert not (m & ~lvl1.masks[n]).any()  # only shrinks
         assert torch.equal(t.model[n], pre.init[n] * m)  # rewound to theta_0
 
+    def separates(weights, keep, among=None) -> bool:
+        """One global magnitude threshold of ``weights`` splits kept from pruned (among ``among``)."""
+        names = sorted(keep)
+        w = torch.cat([weights[n].abs().reshape(-1) for n in names])
+        k = torch.cat([keep[n].reshape(-1) for n in names])
+        a = torch.cat([among[n].reshape(-1) for n in names]) if among else torch.ones_like(k)
+        return bool(w[k].min() >= w[a & ~k].max())
 
-def test_rewind_to_step_and_snapshot_ticket(pretrained):
-    out = pretrained
-    args = [*PIPE, "prune.rewind=8it", "prune.mask_from=8it", "prune.ratios=[0.5]"]
+    assert separates(pre.model, lvl1.masks), "level 1 is not ranked by the end of pretraining"
+    assert not separates(pre.init, lvl1.masks), "theta_0 ranks like the end of pretraining: cannot tell them apart"
+    assert separates(lvl1.model, t.masks, among=lvl1.masks), "level 2 is not ranked by the retrained level 1"
+    assert not separates(pre.model, t.masks, among=lvl1.masks), "level 2 ranks like level 1: cannot tell them apart"
+
+
+def test_rewind_to_step_and_snapshot_ticket_ranked_and_seeded_apart(pretrained, tmp_path):
+    """prune.mask_from=8it ranks the filters, prune.rewind=16it seeds the ticket: every group keeps
+    the top half of its filters by the squared L2 norm of the step-8 weights, and the ticket holds the
+    step-16 weights, masked. The step-16 weights rank some group differently, so swapping the two
+    points fails this test."""
+    out = copy_run(pretrained, tmp_path / "snap")
+    args = [*PIPE, "prune.rewind=16it", "prune.mask_from=8it", "prune.ratios=[0.5]"]
     ok(run_job(0, ["--stage", "prune", *args, f"output.dir={out}"]))
     t = read_run_file(out / "tickets@8it_p50.h5")
-    snap = read_run_file(out / "snapshots" / "weights@8it.h5")
-    assert snap.progress["step"] == 8
-    for n, m in t.masks.items():
-        assert torch.equal(t.model[n], snap.model[n] * m)
-    assert t.mask_attrs["mask_from"] == "8it"
+    at8 = read_run_file(out / "snapshots" / "weights@8it.h5")
+    at16 = read_run_file(out / "snapshots" / "weights@16it.h5")
+    assert (at8.progress["step"], at16.progress["step"]) == (8, 16)
+    assert t.mask_attrs["mask_from"] == "8it" and t.mask_attrs["mask_from_step"] == 8
+    assert t.mask_attrs["rewind"] == "16it" and t.mask_attrs["rewind_step"] == 16
+    for n, v in t.model.items():  # seeded by step 16: masked where masked, untouched elsewhere
+        assert torch.equal(v, at16.model[n] * t.masks[n] if n in t.masks else at16.model[n]), n
+    differs = []
+    for g in pipe_groups():
+        keep = kept_filters(t.masks, g)
+        assert int(keep.sum()) == max(1, round(0.5 * g.size)), g.name
+        s8, s16 = l2_scores(at8.model, g), l2_scores(at16.model, g)
+        assert s8[keep].min() >= s8[~keep].max(), f"{g.name}: not the top filters of the step-8 weights"
+        if s16[keep].min() < s16[~keep].max():
+            differs.append(g.name)
+    assert differs, "the step-8 and step-16 weights rank every group alike: the test cannot tell them apart"
 
 
 def test_killed_retraining_resumes_exactly(pretrained, tmp_path):
     """Retraining (dense, data parallel, masked) killed mid-way and resumed ends bit-identical."""
-    import shutil
-
-    out = pretrained
-    ok(run_job(0, ["--stage", "prune", *PIPE, "prune.ratios=[0.6]", f"output.dir={out}"]))
+    base = copy_run(pretrained, tmp_path / "base")
+    ok(run_job(0, ["--stage", "prune", *PIPE, "prune.ratios=[0.6]", f"output.dir={base}"]))
     runs = {}
     for name in ("straight", "killed"):
         d = tmp_path / name
         d.mkdir()
         for f in ("pretrain.h5", "tickets_p60.h5"):
-            shutil.copy(out / f, d / f)
+            shutil.copy(base / f, d / f)
         args = ["--stage", "retrain", *PIPE, "prune.ratios=[0.6]", "output.checkpoint_every=4it", f"output.dir={d}"]
         if name == "killed":
             p = run_job(2, args, env={"LOFT_FAULT_INJECT": "0:7:retrain_p60"})
-            assert p.returncode != 0 and "injected fault" in p.stderr
+            assert p.returncode == 1 and "injected fault" in p.stderr, p.stderr[-2000:]
             assert not (d / "retrain_p60.h5").exists()
         p = ok(run_job(2, args))
         if name == "killed":
@@ -354,17 +432,31 @@ def test_killed_retraining_resumes_exactly(pretrained, tmp_path):
         assert torch.count_nonzero(b.model[n][~m]) == 0
 
 
-def test_stage_all_ends_with_the_summary_table(pretrained):
-    """Stage all on a folder: finished stages skip themselves, the summary covers every ticket."""
-    out = pretrained
+def test_stage_all_ends_with_the_summary_table(structured_p50, tmp_path):
+    """Stage all on a folder where pretraining and the p50 ticket are finished: each finished stage
+    skips itself (its file untouched), only p70 is pruned and retrained, the summary covers both."""
+    out = copy_run(structured_p50[0], tmp_path / "all")
+    before = digests(out)
     p = ok(run_job(2, ["--stage", "all", *PIPE, "prune.ratios=[0.5,0.7]", f"output.dir={out}"]))
-    assert "pretrain:" in p.stdout and "exists, skipping" in p.stdout
+    skipped = {ln.split("]", 1)[1].split(":")[0].strip(): ln for ln in p.stdout.splitlines()
+               if "exists, skipping" in ln}
+    assert set(skipped) == {"pretrain", "prune", "retrain"}, p.stdout
+    for stage, f in (("pretrain", "pretrain.h5"), ("prune", "tickets_p50.h5"), ("retrain", "retrain_p50.h5")):
+        assert f"{stage}: {out / f} exists, skipping" in skipped[stage]
+        assert digests(out)[f] == before[f], f"{f} was rewritten"
+    assert "tickets_p70.h5" not in before and "retrain_p70.h5" not in before
+    assert (out / "tickets_p70.h5").is_file() and (out / "retrain_p70.h5").is_file()
     table = (out / "summary.txt").read_text()
-    assert table in p.stdout.replace("\r", "")
+    assert table in p.stdout.replace("\r", ""), f"--- summary.txt\n{table}\n--- stdout\n{p.stdout[-4000:]}"
     lines = table.splitlines()
-    assert lines[2].startswith("pretrained LoFT-2 (unpruned)")
-    acc = {ln.split()[1]: float(ln.split()[3]) for ln in lines if ln.startswith("ticket")}
-    assert set(acc) == {"50%", "70%"} and all(0.0 <= a <= 1.0 for a in acc.values())
-    for r in (50, 70):  # per-group rounding of round((1-p) C) kept filters: within 2 points of p
-        pruned = float(next(ln for ln in lines if ln.startswith(f"ticket {r}%")).split()[4].rstrip("%"))
-        assert abs(pruned - r) < 2.0
+    assert lines[2].startswith("pretrained LoFT-2 (unpruned)"), table
+    rows = {ln.split()[1]: ln.split() for ln in lines if ln.startswith("ticket")}
+    assert set(rows) == {"50%", "70%"}, table
+    for r in (50, 70):
+        rf = read_run_file(out / f"retrain_p{r}.h5")
+        # the accuracy printed is the retrained file's last test accuracy; the pruned share is the
+        # masks' (counted here), within 2 points of p (per-group rounding of round((1-p) C) filters)
+        assert float(rows[f"{r}%"][3]) == pytest.approx(rf.metrics[-1]["test_acc"], abs=5e-5), (table, rf.metrics[-1])
+        pruned = 1 - sum(int(m.sum()) for m in rf.masks.values()) / sum(m.numel() for m in rf.masks.values())
+        assert float(rows[f"{r}%"][4].rstrip("%")) == pytest.approx(100 * pruned, abs=0.05), (table, pruned)
+        assert abs(100 * pruned - r) < 2.0, pruned
