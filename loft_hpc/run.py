@@ -190,12 +190,12 @@ def _stages(cfg, dist, stages, bundle, paths, stop) -> int:
             from loft_hpc.stages.retrain import run_retrain
 
             run_retrain(ctx, bundle)
-        if stages == ["pretrain", "prune", "retrain"] and dist.is_root:
-            from loft_hpc.stages.summary import summary_table
+        if "retrain" in stages and dist.is_root:
+            # The job that retrains the last ticket ends the chain (--stage all, or the retrain
+            # job of a SLURM chain): it writes the summary and prints the table.
+            from loft_hpc.stages.summary import finish_summary
 
-            table = summary_table(paths, cfg.prune.ratios, cfg.prune.mask_from)
-            paths.summary.write_text(table + "\n")
-            print("\n" + table, flush=True)
+            finish_summary(paths, cfg.prune.ratios, cfg.prune.mask_from)
         return 0
     except StopForRequeue:
         return EXIT_REQUEUE

@@ -92,8 +92,34 @@ if [ "$(cat "$hstamp" 2>/dev/null)" != "$hwant" ] || ! "$py" -c 'import horovod.
 fi
 
 # ---------------------------------------------------------------- 4. the package (editable)
-if ! "$py" -c 'import loft_hpc, os, sys; sys.exit(0 if os.path.dirname(loft_hpc.__file__).startswith(sys.argv[1]) else 1)' "$repo" 2>/dev/null; then
-  log "installing loft_hpc (editable)"
+# "Installed?" is asked from another folder (/): run from the repository, `import loft_hpc` would
+# always succeed from the current folder and the install would never happen.  Installed means:
+# the distribution's metadata is there, it is an editable install of *this* repository, its
+# console script loft-run exists, and loft_hpc imports from here; and the install is redone when
+# setup.cfg or pyproject.toml (entry points, package data) changed since it was made.
+istamp="$venv/.loft-install.sha"
+iwant="$(cat "$repo/setup.cfg" "$repo/pyproject.toml" 2>/dev/null | sha256sum | cut -d' ' -f1)-$repo"
+installed() {
+  [ "$(cat "$istamp" 2>/dev/null)" = "$iwant" ] && [ -x "$venv/bin/loft-run" ] &&
+  (cd / && "$py" - "$repo" <<'PY'
+import json, os, sys
+from importlib import metadata
+repo = os.path.realpath(sys.argv[1])
+try:
+    url = json.loads(metadata.distribution("loft_hpc").read_text("direct_url.json") or "{}")
+except metadata.PackageNotFoundError:
+    sys.exit(1)
+if not url.get("dir_info", {}).get("editable") or os.path.realpath(url.get("url", "").removeprefix("file://")) != repo:
+    sys.exit(1)
+import loft_hpc
+sys.exit(0 if os.path.realpath(loft_hpc.__file__).startswith(repo + os.sep) else 1)
+PY
+  ) >/dev/null 2>&1
+}
+if ! installed; then
+  log "installing loft_hpc (editable) from $repo"
   pipi --no-build-isolation --no-deps -e "$repo"
+  echo "$iwant" > "$istamp"
+  installed || { echo "setup: loft_hpc is still not importable from outside $repo after pip install -e" >&2; exit 1; }
 fi
 log "ready: $venv"

@@ -9,7 +9,7 @@
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=loft-%x-%j.out
+#SBATCH --output=%x-%j.out
 #
 # LoFT-4 pretraining of PreResNet-34 on CIFAR-100 (python pickle batches, cifar-100-python/).
 #   4 MPI ranks = 1 node(s) x 4 rank(s), one rank per GPU (--gres=gpu:N per node = ranks per
@@ -17,8 +17,11 @@
 #   to your cluster (--partition=..., --account=..., --gres=gpu:a100:4) here or on the sbatch
 #   command line; keep ranks per node = GPUs per node.  --mem is per node.
 #
-# Submit from the repository:
-#   LOFT_DATA=/path/to/cifar LOFT_OUT=/scratch/$USER/c100_loft4 sbatch slurm/cifar100_loft4.sh
+# Submit from a run folder (logs <job name>-<id>.out and runs/ go there; slurm/README.md):
+#   cd /scratch/$USER/run && LOFT_DATA=/path/to/cifar sbatch ~/loft_hpc/slurm/cifar100_loft4.sh
+# CPU nodes / one small machine (command-line options override these headers):
+#   LOFT_DATA=/path/to/cifar LOFT_NP=<ranks> sbatch --gres=none --nodes=1 --ntasks-per-node=<cores> \
+#       --cpus-per-task=1 --mem=4G ~/loft_hpc/slurm/cifar100_loft4.sh
 # This job is the pretraining; on its first run (SLURM_RESTART_COUNT unset) it submits the prune
 # and retrain jobs with --dependency=afterok:$SLURM_JOB_ID, so this one sbatch runs the chain.
 # SIGUSR1 300 s before the time limit -> checkpoint, exit 3 -> scontrol requeue -> resume.

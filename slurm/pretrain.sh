@@ -6,7 +6,7 @@
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=loft-%x-%j.out
+#SBATCH --output=%x-%j.out
 #
 # Generic LoFT pretraining job (config from LOFT_CONFIG, default configs/default.yaml).
 # slurm/chain.sh submits it with LOFT_SUBMIT_FOLLOWUPS=0 and its own sbatch options; submitted

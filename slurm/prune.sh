@@ -7,7 +7,7 @@
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=loft-%x-%j.out
+#SBATCH --output=%x-%j.out
 #
 # Finds the tickets (masks) from the pretrained weights: `--stage prune`.  Submitted by a
 # pretraining job or slurm/chain.sh with --dependency=afterok:<pretrain job>; the environment

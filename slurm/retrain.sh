@@ -6,7 +6,7 @@
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=loft-%x-%j.out
+#SBATCH --output=%x-%j.out
 #
 # Retrains every ticket (one per prune.ratios entry) on LOFT_NP ranks (default: the job's task
 # count): `--stage retrain`.  Submitted with --dependency=afterok:<prune job>; its shape (nodes,

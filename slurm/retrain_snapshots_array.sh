@@ -7,7 +7,7 @@
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=loft-%x-%A_%a.out
+#SBATCH --output=%x-%A_%a.out
 #
 # "Evaluate snapshots of tickets during training by rewinding & retraining": array task i takes
 # the i-th word of LOFT_SNAPSHOTS (default "1ep 2ep 5ep"), finds the ticket from that

@@ -12,7 +12,8 @@ The session-scoped fixture ``slurm_cluster``:
 * writes its own ``slurm.conf`` under a temporary folder (host name, CPUs and RealMemory from
   ``slurmd -C``; state, spool, log and pid files in the folder; free TCP ports so that it does not
   collide with another cluster on the same machine; ``OverSubscribe=FORCE:4`` so that jobs can
-  share the cores), starts ``slurmctld`` and ``slurmd`` with ``-f`` and points the clients at it
+  share the cores; four stand-in GPUs, ``Gres=gpu:4`` backed by character devices like
+  /dev/null, so that GPU-shaped jobs (``--gres=gpu:N``) are accepted and run on the CPU), starts ``slurmctld`` and ``slurmd`` with ``-f`` and points the clients at it
   with ``SLURM_CONF`` (set in ``os.environ`` while the fixture lives, and in ``cluster.env``);
 * waits until ``sinfo`` shows the node idle; if SLURM is installed but does not come up, the
   test FAILS with the tail of the daemons' logs (a broken installation must not hide as a skip);
@@ -29,6 +30,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -102,6 +104,8 @@ class SlurmCluster:
         self.node = ""
         self.cpus = 0
         self.partition = "debug"
+        #: GPUs the node declares (count only, no devices: GPU-shaped jobs run on the CPU)
+        self.gpus = 4
         self._pids: Dict[str, int] = {}
         self._old_slurm_conf: Optional[str] = None
         self.started_munged = False
@@ -183,6 +187,16 @@ class SlurmCluster:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         r = self.root
         self.ctld_port, self.slurmd_port = _free_port(), _free_port()
+        # Stand-in GPUs: character devices like /dev/null (SLURM's gres/gpu wants device files).
+        # Jobs ask for --gres=gpu:N as on a GPU cluster and get SLURM_GPUS_ON_NODE, while they
+        # run on the CPU (torch sees no CUDA device).
+        dev = self.root / "dev"
+        dev.mkdir(parents=True, exist_ok=True)
+        for i in range(self.gpus):
+            if not (dev / f"gpu{i}").exists():
+                os.mknod(dev / f"gpu{i}", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        (self.root / "gres.conf").write_text(
+            f"NodeName={self.node} Name=gpu File={dev}/gpu[0-{self.gpus - 1}]\n" if self.gpus else "")
         self.conf.write_text(f"""\
 # Written by tests/slurm_cluster.py for a throw-away single-machine cluster.
 ClusterName=loft{os.getpid()}
@@ -218,7 +232,8 @@ MinJobAge=600
 KillWait=5
 SchedulerParameters=sched_interval=2
 SchedulerType=sched/backfill
-NodeName={self.node} NodeAddr=127.0.0.1 {hw_spec} RealMemory={mem} State=UNKNOWN
+GresTypes=gpu
+NodeName={self.node} NodeAddr=127.0.0.1 {hw_spec} RealMemory={mem} {f"Gres=gpu:{self.gpus} " if self.gpus else ""}State=UNKNOWN
 PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """)
 

@@ -63,6 +63,7 @@ class ModelConfig:
 class TrainConfig:
     method: str = opt("loft", "pretraining method: loft (filter-wise partitions, K local steps, shard exchange) or dense (data parallel with hvd.DistributedOptimizer)", choices=("loft", "dense"))
     local_steps: int = opt(15, "LoFT: K, local SGD steps between two exchanges (the paper's ImageNet script: 15)", check=POS)
+    workers: int = opt(0, "ranks that pretraining must run on (LoFT: S, the number of workers the filters are partitioned among); a job with the pretrain stage on another number of ranks is refused (exit 2). 0 = any (S = the ranks of the job)", check=NONNEG)
     momentum_mode: str = opt("carry", "LoFT: optimizer momentum across rounds: carry (each filter's momentum travels with it, shared momentum averaged) or reset (the paper's release)", choices=("carry", "reset"))
     duration: Step = opt(Step(20, "ep"), "pretraining length ('20ep' or '3000it'; for LoFT, local steps per rank)")
     lr: float = opt(0.1, "learning rate", check=POS)

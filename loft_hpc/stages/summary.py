@@ -1,5 +1,15 @@
-"""The summary table of a run folder: dense pretrained accuracy, each ticket, bytes exchanged."""
+"""The summary table of a run folder: dense pretrained accuracy, each ticket, bytes exchanged.
+
+The job that retrains the tickets (``--stage all``, ``--stage retrain`` as the last job of a SLURM
+chain, or a snapshot-array task) ends with :func:`finish_summary`: once every configured ticket is
+retrained it writes ``summary.txt`` (tickets of the end of pretraining) or ``summary@<step>.txt``
+(tickets found at a pretraining snapshot, ``prune.mask_from``) and prints the table.
+"""
 from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
 
 from loft_hpc.checkpoint.h5file import read_run_file
 from loft_hpc.checkpoint.paths import RunPaths
@@ -37,3 +47,29 @@ def summary_table(paths: RunPaths, ratios: list[float], mask_from: str = "end") 
                      f"{1 - kept / max(total, 1):>8.1%} {_gb(nbytes):>28}")
     lines.append("pruned = fraction of the masked tensors' entries set to zero; bytes = payload sent + received by all ranks")
     return "\n".join(lines)
+
+
+def summary_path(paths: RunPaths, mask_from: str = "end") -> Path:
+    """``summary.txt`` for the tickets of the end of pretraining, ``summary@<step>.txt`` for those
+    found at a snapshot (each snapshot-array task writes only its own file)."""
+    return paths.summary if mask_from == "end" else paths.root / f"summary@{mask_from}.txt"
+
+
+def finish_summary(paths: RunPaths, ratios: list[float], mask_from: str = "end") -> Path | None:
+    """When every ticket of ``ratios`` has its retrained file: write the summary file (through a
+    temporary name, so a reader never sees half a table; mode from the umask) and print the table
+    with the file's name. Returns the file, or None (nothing written) while a ticket is missing."""
+    missing = [paths.retrain(mask_from, r).name for r in ratios if not paths.retrain(mask_from, r).is_file()]
+    if missing:
+        print(f"[loft] summary: not yet written ({', '.join(missing)} missing)", flush=True)
+        return None
+    table = summary_table(paths, ratios, mask_from)
+    out = summary_path(paths, mask_from)
+    tmp = out.with_name(f".{out.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(table + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    print(f"\n{table}\n\nsummary: {out}", flush=True)
+    return out
