@@ -17,6 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from tests.mpi_util import ok, run_job
 
@@ -32,6 +33,25 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def F(sigma) -> float:
     """The paper's formula, written out: sum_i (1/i) |ln i - ln sigma(i)|."""
     return sum(abs(math.log(i) - math.log(s)) / i for i, s in enumerate(sigma, 1))
+
+
+def F_scores(ref, snap, normalize: bool = True) -> float:
+    """F between the rankings of two score vectors without ties, from the formula alone: the filter
+    at rank i of ``ref`` (largest score first) has rank sigma(i) in ``snap``."""
+    ref, snap = np.asarray(ref, dtype=np.float64), np.asarray(snap, dtype=np.float64)
+    c = len(ref)
+    assert len(set(ref.tolist())) == c and len(set(snap.tolist())) == c, "F_scores is for vectors without ties"
+    order_ref = sorted(range(c), key=lambda f: -ref[f])
+    rank_snap = {f: i for i, f in enumerate(sorted(range(c), key=lambda f: -snap[f]), 1)}
+    raw = F([rank_snap[f] for f in order_ref])
+    return raw / F(range(c, 0, -1)) if normalize and c > 1 else raw
+
+
+def chance_by_linearity(c: int, normalize: bool = True) -> float:
+    """E[F] over uniformly random rankings: sigma(i) is uniform on 1..c for every i, so
+    E[F] = sum_i (1/i) mean_j |ln i - ln j|."""
+    raw = sum(sum(abs(math.log(i) - math.log(j)) for j in range(1, c + 1)) / (c * i) for i in range(1, c + 1))
+    return raw / F(range(c, 0, -1)) if normalize and c > 1 else raw
 
 
 def scores_for(sigma) -> tuple[np.ndarray, np.ndarray]:
@@ -210,10 +230,24 @@ def test_distance_matrix_properties():
     assert np.all(d >= 0.0)
     for a in range(7):
         for b in range(7):
-            assert d[a, b] == pytest.approx(filter_distance(h[a], h[b]), abs=1e-12)
+            assert d[a, b] == pytest.approx(F_scores(h[a], h[b]), abs=1e-12)  # by the formula
     assert not np.allclose(d, d.T)                 # F is not symmetric: row = reference
-    np.testing.assert_allclose(distance_to_reference(h, h[3]), d[3], atol=1e-12)
-    np.testing.assert_allclose(distance_matrix(h, normalize=False), d * reversed_distance(24), rtol=1e-12)
+    np.testing.assert_allclose(distance_to_reference(h, h[3]), [F_scores(h[3], r) for r in h], atol=1e-12)
+    np.testing.assert_allclose(distance_matrix(h, normalize=False), [[F_scores(a, b, normalize=False) for b in h] for a in h],
+                               atol=1e-12)
+
+
+def test_vectorised_forms_match_brute_force_with_ties():
+    """distance_matrix and distance_to_reference on small cases with tie blocks (a pruned ticket's
+    zeros, repeated scores), against the enumeration of every tie order (brute_force_distance)."""
+    rng = np.random.default_rng(11)
+    h = np.stack([np.array([3.0, 0.0, 2.0, 0.0, 1.0, 0.0]), np.array([0.4, 0.5, 0.9, 0.1, 0.2, 0.3]),
+                  *[rng.integers(0, 3, 6).astype(float) for _ in range(4)]])
+    want = np.array([[brute_force_distance(a, b) for b in h] for a in h])
+    np.testing.assert_allclose(distance_matrix(h, normalize=False), want, atol=1e-9)
+    np.testing.assert_allclose(distance_matrix(h), want / F(range(6, 0, -1)), atol=1e-9)
+    for k in range(len(h)):
+        np.testing.assert_allclose(distance_to_reference(h, h[k], normalize=False), want[k], atol=1e-9)
 
 
 def test_chance_distance_is_the_mean_over_all_rankings():
@@ -223,6 +257,8 @@ def test_chance_distance_is_the_mean_over_all_rankings():
         assert chance_distance(c, normalize=False) == pytest.approx(mean, rel=1e-12)
         assert chance_distance(c) == pytest.approx(mean / F(range(c, 0, -1)), rel=1e-12)
     assert chance_distance(1) == 0.0
+    for c in (7, 64, 513):
+        assert chance_distance(c) == pytest.approx(chance_by_linearity(c), rel=1e-12)
     assert 0.7 < chance_distance(64) < 0.8
 
 
@@ -261,7 +297,22 @@ def _table_rows(stdout: str) -> list[list[str]]:
     return [ln.split() for ln in stdout.splitlines() if re.match(r"^\s*\d+\s+\d+\s+\d+\.\d+", ln)]
 
 
+def _weight_scores(weights: dict, group: str, c: int) -> dict[str, np.ndarray]:
+    """l2 (squared L2 norm) and l1 of each filter of a PreResNet inner group, from the weights
+    themselves: the rows of the block's conv1 (the group's producer), one row per filter."""
+    w = weights[group.replace(".inner", ".conv1.weight")].double().numpy().reshape(c, -1)
+    return {"l2": (w * w).sum(1), "l1": np.abs(w).sum(1)}
+
+
+def _no_near_ties(v: np.ndarray) -> bool:
+    """No two scores so close that float32 storage could order them otherwise."""
+    s = np.sort(v)
+    return bool(np.all(np.diff(s) > 1e-5 * np.abs(s[1:])))
+
+
 def test_filter_distance_cli(run_dir, tmp_path):
+    """Every number the tool prints, recomputed here by the formula (F_scores) from the scores the
+    run stored, and those scores checked against the weights they were taken from."""
     run = run_dir / "pretrain.h5"
     out_csv = tmp_path / "fd.csv"
     p = _run([TOOLS / "filter_distance.py", run, "--csv", out_csv])
@@ -271,34 +322,66 @@ def test_filter_distance_cli(run_dir, tmp_path):
     rows = _table_rows(p.stdout)
     assert len(rows) == len(idx) >= 3
     assert [int(r[0]) for r in rows] == idx[:, 0].tolist()
-    assert "random" in p.stdout and "*" in p.stdout        # partitioned groups are marked
+    assert "*" in p.stdout        # partitioned groups are marked
     with open(out_csv) as fh:
         table = list(csv.DictReader(fh))
     assert len(table) == len(idx)
     assert sorted(k for k in table[0] if k not in ("step", "round", "epoch")) == sorted(groups)
     for g in groups:
         _, h = _h5_scores(run, g)
-        want = distance_to_reference(h, h[-1])
+        want = [F_scores(h[-1], r) for r in h]
         got = np.array([float(r[g]) for r in table])
         np.testing.assert_allclose(got, want, atol=1e-6)
         assert got[-1] == 0.0
     assert [int(r["step"]) for r in table] == idx[:, 0].tolist()
+    # the 'random' line: the expected distance of a random ranking, by linearity of expectation
+    random_line = next(ln.split() for ln in p.stdout.splitlines() if ln.split()[:1] == ["random"])
+    widths = [int(x) for x in next(ln.split() for ln in p.stdout.splitlines() if ln.split()[:1] == ["filters"])[1:]]
+    assert [float(x) for x in random_line[1:]] == pytest.approx([chance_by_linearity(c) for c in widths], abs=5e-5)
 
     # --group / --score / --raw and a reference file: the weight snapshot at epoch 2 (step 16)
     g = groups[3]
     ref = run_dir / "snapshots" / "weights@16it.h5"  # requested as 2ep, named by the step taken
+    with h5py.File(ref, "r") as f:
+        ref_weights = {n: torch.from_numpy(np.array(f["model"][n][()])) for n in f["model"]}
+    idx, h1 = _h5_scores(run, g, "l1")
+    ref_scores = _weight_scores(ref_weights, g, h1.shape[1])
+    at16 = int(np.flatnonzero(idx[:, 0] == 16)[0])
+    for kind in ("l1", "l2"):  # the run stored, at step 16, the scores of the step-16 weights
+        np.testing.assert_allclose(_h5_scores(run, g, kind)[1][at16], ref_scores[kind], rtol=1e-5)
+    assert _no_near_ties(ref_scores["l1"])  # float32 and float64 scores of these weights rank alike
     p = _run([TOOLS / "filter_distance.py", run, "--group", g, "--score", "l1", "--reference", ref])
     rows = _table_rows(p.stdout)
     assert len(rows) == len(idx) and all(len(r) == 4 for r in rows)
-    at16 = [float(r[3]) for r in rows if r[0] == "16"]
-    assert at16 == [0.0]                                   # the snapshot of the same weights
+    np.testing.assert_allclose([float(r[3]) for r in rows], [F_scores(ref_scores["l1"], r) for r in h1], atol=1e-4)
+    assert float(rows[at16][3]) == 0.0                     # the snapshot of the same weights
     p = _run([TOOLS / "filter_distance.py", run, "--group", g, "--raw"])
     _, h = _h5_scores(run, g)
     np.testing.assert_allclose([float(r[3]) for r in _table_rows(p.stdout)],
-                               distance_to_reference(h, h[-1], normalize=False), atol=1e-4)
+                               [F_scores(h[-1], r, normalize=False) for r in h], atol=1e-4)
 
     bad = _run([TOOLS / "filter_distance.py", run, "--group", "no.such.group"], check=False)
     assert bad.returncode == 2 and "no filter group no.such.group" in bad.stderr
+
+
+def test_filter_distance_cli_ties_by_brute_force(tmp_path):
+    """The tool on a hand-made file of 6 filters whose snapshots have tie blocks (a ticket's zeros,
+    repeated scores): every distance printed is the enumeration's (brute_force_distance)."""
+    from loft_hpc.checkpoint.h5file import RunFile, write_run_file
+
+    hist = [np.array(v, dtype=float) for v in ([0.4, 0.5, 0.9, 0.1, 0.2, 0.3], [2.0, 2.0, 0.0, 1.0, 0.0, 2.0],
+                                                 [1.0, 0.0, 1.0, 0.0, 3.0, 1.0], [3.0, 0.0, 2.0, 0.0, 1.0, 0.0])]
+    rf = RunFile(stage="pretrain", config_yaml="{}", arch="none", world_size=1, seed=0, model={},
+                 progress={"step": 40}, snap_index=[(10 * k, k, 0) for k in range(len(hist))],
+                 snap_scores={"toy.inner": {"l2": hist, "l1": hist}}, complete=True)
+    f = tmp_path / "toy.h5"
+    write_run_file(f, rf)
+    for raw in (False, True):
+        p = _run([TOOLS / "filter_distance.py", f] + (["--raw"] if raw else []))
+        got = [float(r[3]) for r in _table_rows(p.stdout)]
+        want = [brute_force_distance(hist[-1], r) / (1.0 if raw else F(range(6, 0, -1))) for r in hist]
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert got[-1] == 0.0 and min(got[:-1]) > 0
 
 
 def test_heatmap_cli(run_dir, tmp_path):
