@@ -25,8 +25,18 @@ env_args=(-x OMP_NUM_THREADS -x HOROVOD_STALL_CHECK_TIME_SECONDS -x HOROVOD_STAL
 # banner on a clean non-zero exit (2 bad input, 3 checkpointed for requeue): the program has
 # already said what happened in one line. mpirun then says nothing about a rank that was
 # killed, so this script does (exit 128+N).
-rc=0
-mpirun --quiet "${extra[@]}" "${env_args[@]}" "$@" || rc=$?
+# mpirun runs as a child (to report a killed rank afterwards), so the stop signals this script
+# gets (SIGUSR1/SIGTERM from SLURM, scancel or a user) are forwarded to it: mpirun passes them to
+# every rank, which checkpoint and exit 3. (wait returns early when a trapped signal arrives,
+# hence the loop.)
+mpirun --quiet "${extra[@]}" "${env_args[@]}" "$@" &
+child=$!
+forward() { kill -s "$1" "$child" 2>/dev/null || true; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done
+wait "$child" && rc=0 || rc=$?  # bash keeps the ended child's status
 if [ "$rc" -gt 128 ]; then
   echo "loft_hpc: error: a rank of the job ended on signal $((rc - 128)) (mpirun exit $rc): killed (out of memory, scancel, node failure?); the other ranks were stopped" >&2
 fi

@@ -3,6 +3,7 @@ the metrics' loss columns, and a signal-stopped data-parallel retraining resumed
 from __future__ import annotations
 
 import shutil
+import signal
 
 import pytest
 import torch
@@ -126,3 +127,22 @@ def test_retraining_stopped_by_a_signal_to_one_rank_resumes_exactly(pretrained, 
             assert "at step 4/8" in p.stdout
         runs[name] = read_run_file(d / "retrain_p50.h5")
     assert_same_run(runs["straight"], runs["stopped"])
+
+
+def test_stop_signal_to_the_wrapper_reaches_every_rank(tmp_path):
+    """``scripts/mpirun.sh`` runs mpirun as a child: a SIGUSR1 sent to the wrapper (what a user or
+    a batch shell signals) must be forwarded, so the ranks checkpoint and the job exits 3."""
+    from tests.mpi_util import LiveJob, job_command
+
+    out = tmp_path / "wrapped"
+    job = LiveJob(job_command(2, ["--stage", "pretrain", *TINY, "train.duration=4000it", "train.local_steps=4",
+                                  "train.eval_every=4000it", f"output.dir={out}"]))
+    try:
+        assert job.wait_for("job: stages", timeout=180), job.stderr[-2000:]
+        job.proc.send_signal(signal.SIGUSR1)  # the wrapper's pid (bash), not mpirun's
+        code = job.finish(timeout=180)
+    finally:
+        job.close()
+    assert code == 3, job.stdout[-2000:] + job.stderr[-2000:]
+    assert "stop requested (SIGUSR1)" in job.stdout
+    assert (out / "ckpt" / "pretrain" / "LATEST").is_file() and not (out / "pretrain.h5").exists()
