@@ -86,10 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         err, code = _one_line(e), 1
     if cfg is not None:
         set_deterministic(cfg.train.deterministic)
-    try:
-        dist = init_mpi(cfg.train.device if cfg else "cpu", cfg.train.threads if cfg else 1)
-    except RuntimeError as e:
-        dist, err = init_mpi("cpu", 1), err or str(e)
+    dist, device_err = init_mpi(cfg.train.device if cfg else "cpu", cfg.train.threads if cfg else 1)
+    err = err or device_err
     bundle = None
     if err is None:
         from loft_hpc.validate import validate_job
@@ -148,11 +146,15 @@ def run_stages(cfg, dist, stages, bundle) -> int:
             err = str(e)
         except OSError as e:
             err = f"output.dir={cfg.output.dir}: cannot be created or written ({e.strerror or e})"
+        except Exception as e:  # noqa: BLE001 - rank 0 must reach the bcast below, whatever happened
+            err = f"output.dir={cfg.output.dir}: cannot take the run lock ({_one_line(e)})"
     err = dist.comm.bcast(err, root=0)
     if err:
         if dist.is_root:
             error_line(err)
         return EXIT_CONFIG
+    if lock is not None:
+        dist.before_abort = lock.release  # an aborting rank 0 still frees the lock
     try:
         return _stages(cfg, dist, stages, bundle, paths, stop)
     finally:
@@ -182,10 +184,16 @@ def _stages(cfg, dist, stages, bundle, paths, stop) -> int:
             from loft_hpc.stages.pretrain import run_pretrain
 
             run_pretrain(ctx, bundle)
+        if dist.any_flag(stop.received is not None) and stages[-1] != "pretrain":  # collective: every rank
+            log("stop requested: the finished stages are written; exiting for requeue before the next stage", rank=dist.rank)
+            return EXIT_REQUEUE
         if "prune" in stages:
             from loft_hpc.stages.ticket import run_prune
 
             run_prune(ctx, bundle)
+        if "retrain" in stages and dist.any_flag(stop.received is not None):  # collective: every rank
+            log("stop requested: the finished stages are written; exiting for requeue before retraining", rank=dist.rank)
+            return EXIT_REQUEUE
         if "retrain" in stages:
             from loft_hpc.stages.retrain import run_retrain
 

@@ -241,7 +241,7 @@ def read_run_file(path: str | os.PathLike) -> RunFile:
             return _read_open(path, f)
     except CheckpointError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path}: unreadable (truncated or corrupt: {e.__class__.__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
 

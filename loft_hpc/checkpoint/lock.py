@@ -6,10 +6,13 @@ of pretraining or from one snapshot). Two jobs on one folder that would write th
 refused, the second with one line naming the holder; the chain's prune/retrain jobs and the tasks
 of the snapshot array (``prune.mask_from=<step>``) write different scopes and run side by side.
 
-``<dir>/.lock-<scope>`` holds JSON ``{host, pid, job, since}`` and is created with ``O_EXCL``. A lock
-whose holder is dead is recognised and taken over: same host and its pid no longer runs, or the
-same SLURM job id (a requeued job, possibly on another node). The takeover renames the stale file
-away first (only one contender can), then creates the lock as usual.
+``<dir>/.lock-<scope>`` holds JSON ``{host, pid, job, restart, since}`` and is created with
+``O_EXCL``. A lock whose holder is dead is recognised and taken over: on the same host its pid no
+longer runs, or it was taken by an earlier run of the same SLURM job (another
+``SLURM_RESTART_COUNT``: requeued, possibly onto another node). A lock of a job on another host
+is not taken over (its pid cannot be checked from here): the line names the file to delete. The
+takeover renames the stale file aside, checks it is still the one it read (else gives it back),
+then creates the lock as usual. An aborting job frees its lock first.
 """
 from __future__ import annotations
 
@@ -35,7 +38,19 @@ def job_scopes(stages: list[str], mask_from: str) -> list[str]:
 
 def _me() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID", ""),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "restart": os.environ.get("SLURM_RESTART_COUNT", "0"), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _stale(holder: dict, me: dict) -> bool:
+    """The holder is dead: on this host its pid no longer runs; elsewhere, it is an earlier run
+    (restart count) of this very SLURM job (requeued, possibly onto another node)."""
+    try:
+        pid = int(holder.get("pid", -1))
+    except (TypeError, ValueError):
+        return False
+    if holder.get("host") == me["host"]:
+        return not _alive(pid)
+    return bool(me["job"]) and holder.get("job") == me["job"] and str(holder.get("restart", "0")) != me["restart"]
 
 
 def _alive(pid: int) -> bool:
@@ -78,21 +93,27 @@ class RunLock:
                 if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
                     self.held.append(f)
                     return
-                stale = (holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1)))) or \
-                    (me["job"] and holder.get("job") == me["job"])
-                if not stale:
+                if not _stale(holder, me):
                     job = f", SLURM job {holder['job']}" if holder.get("job") else ""
                     raise LockError(f"{self.root} is in use by another job writing the same files (pid "
                                     f"{holder.get('pid')} on {holder.get('host')}{job}, since {holder.get('since')}): "
                                     f"wait for it to end, or if it is dead delete {f}")
                 aside = f.with_name(f"{f.name}.stale-{me['host']}-{me['pid']}")
                 try:
-                    os.rename(f, aside)  # atomic: one contender wins, the others find the new lock
-                    aside.unlink()
-                    self.notes.append(f"took over the stale lock {f.name} of pid {holder.get('pid')} on "
-                                      f"{holder.get('host')}")
+                    os.rename(f, aside)
                 except FileNotFoundError:
-                    pass
+                    continue
+                if self._read(aside) != holder:
+                    # another contender replaced the stale lock with its own meanwhile: give it back
+                    try:
+                        os.link(aside, f)
+                    except FileExistsError:
+                        pass
+                    aside.unlink(missing_ok=True)
+                    continue
+                aside.unlink(missing_ok=True)
+                self.notes.append(f"took over the stale lock {f.name} of pid {holder.get('pid')} on "
+                                  f"{holder.get('host')}")
                 continue
             with os.fdopen(fd, "w") as fh:
                 json.dump(me, fh)
@@ -100,15 +121,16 @@ class RunLock:
                 os.fsync(fh.fileno())
             self.held.append(f)
             return
-        raise LockError(f"{f}: could not take the lock (it keeps changing: another job is starting here)")
+        raise LockError(f"{f}: could not take the lock (empty or unreadable, or another job is starting here "
+                        f"right now): if no other job uses {self.root}, delete {f}")
 
     @staticmethod
     def _read(f: Path) -> dict | None:
         try:
-            text = f.read_text()
-            return json.loads(text) if text.strip() else None
-        except (FileNotFoundError, json.JSONDecodeError):
+            h = json.loads(f.read_text())
+        except (OSError, ValueError):  # missing, being written, not JSON, not UTF-8
             return None
+        return h if isinstance(h, dict) else None
 
     def release(self) -> None:
         me = _me()

@@ -44,7 +44,10 @@ def stage_identity(ctx, kind: str, inputs: list[Path] = ()) -> dict:
         if missing:
             err = f"{missing[0]}: missing (run the stage that writes it first)"
         else:
-            ident = make_identity(ctx.cfg, kind, list(inputs))
+            try:
+                ident = make_identity(ctx.cfg, kind, list(inputs))
+            except CheckpointError as e:  # rank 0 alone reads the inputs: it must reach the bcast
+                err = str(e)
     ident, err = ctx.dist.comm.bcast((ident, err), root=0)  # control message: every rank at the same point
     if err:
         raise CheckpointError(err, agreed=True)

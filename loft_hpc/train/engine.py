@@ -186,6 +186,7 @@ class RoundTrainer:
             self._snapshot()
         if due.weight_labels:
             persistence.save_weight_snapshot(self, due.weight_labels)
+            self.ledger.record(self.round, self.step)  # e.g. the dense BN averaging it needed
         if due.evaluate:
             self._eval_row()
         elif due.log and self.dist.is_root:
@@ -193,7 +194,9 @@ class RoundTrainer:
             log(f"{self.ckpt_stage} step {self.step}/{self.total} round {self.round} rank-0 {self.step_loss_name} "
                 f"{loss / max(count, 1):.4f} acc {correct / max(count, 1):.4f} lr {self.lr(self.step - 1):.4g}")
         stop = self.dist.any_flag(self.ctx.stop.received is not None)  # collective: every round
-        if due.checkpoint or stop:
+        # at the last step the final file follows at once: a periodic checkpoint there would only
+        # make a resume that skips the last evaluation's assembled state (a stop still writes one)
+        if (due.checkpoint and not last) or stop:
             persistence.save_checkpoint(self)
         if stop and not last:
             log(f"{self.ckpt_stage}: stop requested ({self.ctx.stop.received or 'on another rank'}), "

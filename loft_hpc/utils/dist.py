@@ -21,6 +21,7 @@ class Dist:
     local_size: int
     comm: object  # mpi4py communicator
     device: torch.device
+    before_abort: object = None  # called (once) before an abort: e.g. rank 0 frees the run lock
 
     @property
     def is_root(self) -> bool:
@@ -42,6 +43,12 @@ class Dist:
         """Stop every rank of the job now (used when a rank fails mid-round: never a hang)."""
         sys.stdout.flush()
         sys.stderr.flush()
+        hook, self.before_abort = self.before_abort, None
+        if hook is not None:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - aborting anyway
+                pass
         if self.size > 1:
             self.comm.Abort(code)
         os._exit(code)
@@ -57,24 +64,26 @@ def set_deterministic(on: bool) -> None:
     torch.backends.cudnn.deterministic = True
 
 
-def init_mpi(device_pref: str = "auto", threads: int = 0) -> Dist:
+def init_mpi(device_pref: str = "auto", threads: int = 0) -> tuple[Dist, str | None]:
     """MPI only (mpi4py initialises it): enough to validate inputs and agree on errors before
-    the first Horovod collective. One device per local rank; torch threads per rank."""
+    the first Horovod collective. One device per local rank; torch threads per rank. A device
+    that cannot be had is returned as an error line (with a CPU device), never raised: the one
+    collective here (Split_type) has then run on every rank, and the ranks agree on the error."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)  # collective: every rank, once
     local_rank, local_size = local.Get_rank(), local.Get_size()
+    device, err = torch.device("cpu"), None
     if device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but CUDA is not available on this node")
-        dev = local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(dev)
-        device = torch.device("cuda", dev)
-    else:
-        device = torch.device("cpu")
+            err = "train.device=cuda but CUDA is not available on this node"
+        else:
+            dev = local_rank % torch.cuda.device_count()
+            torch.cuda.set_device(dev)
+            device = torch.device("cuda", dev)
     torch.set_num_threads(threads_per_rank(threads, local_size))
-    return Dist(comm.Get_rank(), comm.Get_size(), local_rank, local_size, comm, device)
+    return Dist(comm.Get_rank(), comm.Get_size(), local_rank, local_size, comm, device), err
 
 
 def threads_per_rank(threads: int, local_size: int) -> int:
