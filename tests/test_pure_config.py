@@ -139,6 +139,9 @@ def test_load_config_files(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(tmp_path)
     assert str(e.value) == f"--config {str(tmp_path)!r}: no such file"
+    utf8 = tmp_path / "utf8.yaml"
+    utf8.write_bytes("output:\n  dir: runs/caf\u00e9 \u2013 1\n".encode("utf-8"))   # read as UTF-8 whatever the locale
+    assert load_config(utf8).output.dir == "runs/caf\u00e9 \u2013 1"
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes(b"train:\n  lr: 0.1 # caf\xe9\n")
     with pytest.raises(ConfigError) as e:

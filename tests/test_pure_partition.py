@@ -195,6 +195,20 @@ def test_subnetwork_batchnorm_without_affine():
     assert sub.bn.num_features == 2 and sub.conv.out_channels == 2
 
 
+def test_subnetwork_batchnorm_without_running_statistics():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 5, 1)
+            self.bn = nn.BatchNorm2d(5, track_running_stats=False)   # no running_mean: the size is gamma's
+
+    g = FilterGroup("g", 5, (Member("conv.weight", 0), Member("conv.bias", 0), Member("bn.weight", 0),
+                             Member("bn.bias", 0)), True, "conv.weight")
+    sub = subnetwork(M(), TensorSlicer([g]), {"g": torch.tensor([1, 2, 3])})
+    assert sub.bn.num_features == 3 and sub.bn.running_mean is None
+    assert sub.bn(sub.conv(torch.randn(2, 2, 3, 3))).shape == (2, 3, 3, 3)
+
+
 def test_grouped_conv_in_channels_count_groups():
     class M(nn.Module):
         def __init__(self):
