@@ -190,10 +190,23 @@ loft_stage_cmd() {
 # ---------------------------------------------------------------- signals and requeue
 _loft_on_signal() {
   _LOFT_INTERRUPTED=1
-  local fwd="${LOFT_FORWARD_SIGNAL:-USR1}"
+  local fwd="${LOFT_FORWARD_SIGNAL:-USR1}" pid ranks=""
   if [ -n "${_LOFT_CHILD:-}" ]; then
     loft_log "got SIG$1: sending SIG$fwd to the launcher (pid $_LOFT_CHILD) to checkpoint and stop"
     kill -s "$fwd" "$_LOFT_CHILD" 2>/dev/null || true
+    # Some Open MPI builds do not pass USR1 on (4.1.6 of Ubuntu 24.04: mpirun swallows it), so the
+    # ranks that mpirun started on this node, its own children, get it directly too (a rank that
+    # gets it twice only sets its flag twice).  Launchers of remote processes (srun, ssh, orted)
+    # are left alone: mpirun's forwarding, or srun's, covers the other nodes.
+    if [[ "$(cat "/proc/$_LOFT_CHILD/comm" 2>/dev/null)" =~ ^(mpirun|mpiexec|orterun|prterun)$ ]]; then
+      for pid in $(pgrep -P "$_LOFT_CHILD" 2>/dev/null); do
+        case "$(cat "/proc/$pid/comm" 2>/dev/null)" in
+          ''|srun|ssh|rsh|orted|prted) ;;
+          *) kill -s "$fwd" "$pid" 2>/dev/null && ranks+=" $pid" ;;
+        esac
+      done
+      if [ -n "$ranks" ]; then loft_log "... and to its ranks on this node (pids$ranks)"; fi
+    fi
   else
     _LOFT_PENDING=$1
   fi
