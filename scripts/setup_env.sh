@@ -76,6 +76,11 @@ if [ "$(cat "$hstamp" 2>/dev/null)" != "$hwant" ] || ! "$py" -c 'import horovod.
   export HOROVOD_CPU_OPERATIONS="${HOROVOD_CPU_OPERATIONS:-MPI}"
   export MAKEFLAGS="${MAKEFLAGS:--j$(nproc)}"
   export LOFT_REAL_CXX="${CXX:-g++}" CXX="$repo/scripts/cxx_std_wrapper.sh"
+  # Newer GCC no longer pulls <string>/<cstdint> in through other headers, which Horovod 0.28.1's
+  # sources rely on ("'string' in namespace 'std' does not name a type" in group_table.h, seen
+  # building with NCCL on a GPU machine with Open MPI 4.1.6 and Python 3.12): include them up
+  # front (that build then succeeded; harmless with this machine's compiler).
+  export CXXFLAGS="-include string -include cstdint ${CXXFLAGS:-}"
   # A CUDA build of torch makes horovod's CMake look for the CUDA toolkit.
   if "$py" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)'; then
     cuda="${CUDA_HOME:-}"
