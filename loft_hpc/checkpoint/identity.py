@@ -41,6 +41,7 @@ OPERATIONAL = {
     "data.root", "data.num_workers", "data.verify_checksums", "data.eval_batch_size",
     "train.eval_every", "train.train_eval_samples", "train.log_every", "train.check_sync", "train.progress",
     "train.threads", "train.device",
+    "train.workers",  # a check of the job's rank count (0 or S), not a setting
     "prune.ratios",  # one file per ratio: the ratio is in the file's name
 }
 

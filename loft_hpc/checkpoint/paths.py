@@ -8,7 +8,7 @@
     <dir>/tickets_p<NN>.h5, tickets@<S>_p<NN>.h5   ticket (masks + rewound weights) per ratio, from the end / snapshot S
     <dir>/imp/<ticket>_level<k>.h5          IMP: retrained weights of level k < n
     <dir>/retrain_p<NN>.h5, retrain@<S>_p<NN>.h5   retrained ticket per pruning ratio
-    <dir>/summary.txt                       the summary table of stage ``all``
+    <dir>/summary.txt                       the summary table (written by the job that retrains the last ticket)
 """
 from __future__ import annotations
 
