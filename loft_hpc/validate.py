@@ -9,19 +9,7 @@ from __future__ import annotations
 
 from loft_hpc.config import ConfigError, JobConfig
 from loft_hpc.config.steps import Step
-
-
-def samples_per_rank(n_train: int, world: int, shard: bool) -> int:
-    """Training samples one rank iterates per epoch, as :class:`loft_hpc.train.stream.BatchStream`:
-    ``n_train // world`` with a shard per rank, else the whole set."""
-    return n_train // world if shard else n_train
-
-
-def batches_per_epoch(n_train: int, batch_size: int, world: int, shard: bool) -> int:
-    """Batches per epoch of every rank, exactly as :class:`loft_hpc.train.stream.BatchStream`
-    (``drop_last``): ``samples_per_rank // batch_size``. The one place validation turns epochs
-    into steps; ``shard`` is the sharding of the stage being checked."""
-    return samples_per_rank(n_train, world, shard) // batch_size
+from loft_hpc.train.stream import batches_per_epoch, samples_per_rank  # the streams' own rule
 
 
 def pretrain_shards(cfg: JobConfig) -> bool:

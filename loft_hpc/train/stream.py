@@ -17,6 +17,18 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from loft_hpc.utils.seeding import derive_seed, generator
 
 
+def samples_per_rank(n_train: int, world: int, shard: bool) -> int:
+    """Training samples one rank iterates per epoch: ``n_train // world`` with a shard per rank,
+    else the whole set."""
+    return n_train // world if shard else n_train
+
+
+def batches_per_epoch(n_train: int, batch_size: int, world: int, shard: bool) -> int:
+    """Batches per epoch of every rank (``drop_last``); validation turns epochs into steps with
+    this same function."""
+    return samples_per_rank(n_train, world, shard) // batch_size
+
+
 class BatchStream:
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, rank: int, world: int,
                  shard: bool, num_workers: int = 0, device: torch.device | None = None) -> None:
@@ -26,9 +38,9 @@ class BatchStream:
         self.seed, self.rank, self.world, self.shard = seed, rank, world, shard
         self.num_workers = num_workers
         self.device = device or torch.device("cpu")
-        n = len(dataset) // world if shard else len(dataset)
+        n = samples_per_rank(len(dataset), world, shard)
         self.samples_per_rank = n
-        self.batches_per_epoch = n // batch_size
+        self.batches_per_epoch = batches_per_epoch(len(dataset), batch_size, world, shard)
         if self.batches_per_epoch < 1:
             raise ValueError(f"data.batch_size={batch_size} is larger than the {n} training samples per rank")
         self._epoch = None
