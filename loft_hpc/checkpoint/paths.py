@@ -17,6 +17,20 @@ import socket
 from pathlib import Path
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically and durably: a temporary name unique to this writer
+    (host and pid), fsync, rename, fsync of the folder."""
+    from loft_hpc.checkpoint.h5file import fsync_dir
+
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 class RunPaths:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
@@ -51,16 +65,7 @@ class RunPaths:
     def set_latest(self, stage: str, ckpt: Path, keep: int) -> None:
         """Point LATEST at ``ckpt`` (atomically and durably) and delete all but the newest ``keep``
         checkpoints. The temporary pointer's name is unique per writer (host and pid)."""
-        from loft_hpc.checkpoint.h5file import fsync_dir
-
-        ptr = self.latest_pointer(stage)
-        tmp = ptr.with_name(f".LATEST.{socket.gethostname()}.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            f.write(ckpt.name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, ptr)
-        fsync_dir(ptr.parent)
+        write_text_atomic(self.latest_pointer(stage), ckpt.name + "\n")
         files = self.checkpoints(stage)
         for old in files[:-keep] if keep > 0 else []:
             if old != ckpt:

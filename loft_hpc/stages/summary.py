@@ -7,12 +7,10 @@ retrained it writes ``summary.txt`` (tickets of the end of pretraining) or ``sum
 """
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 from loft_hpc.checkpoint.h5file import read_run_file
-from loft_hpc.checkpoint.paths import RunPaths
+from loft_hpc.checkpoint.paths import RunPaths, write_text_atomic
 
 
 def _gb(n: float) -> str:
@@ -65,11 +63,6 @@ def finish_summary(paths: RunPaths, ratios: list[float], mask_from: str = "end")
         return None
     table = summary_table(paths, ratios, mask_from)
     out = summary_path(paths, mask_from)
-    tmp = out.with_name(f".{out.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(table + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    write_text_atomic(out, table + "\n")
     print(f"\n{table}\n\nsummary: {out}", flush=True)
     return out
