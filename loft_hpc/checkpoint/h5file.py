@@ -54,6 +54,7 @@ class RunFile:
     comm: list[dict] = field(default_factory=list)
     sparsity: list[dict] = field(default_factory=list)
     coverage: list[dict] = field(default_factory=list)
+    ticket: dict = field(default_factory=dict)  # /ticket attrs, plus "criteria": {name: attrs + "distance"}
     complete: bool = False
 
 
@@ -208,6 +209,8 @@ def write_run_file(path: str | os.PathLike, rf: RunFile) -> None:
                 _table(f, "sparsity", SPARSITY_FIELDS, rf.sparsity)
             if rf.coverage:
                 _table(f, "coverage", COVERAGE_FIELDS, rf.coverage)
+            if rf.ticket:
+                _write_ticket(f, rf.ticket)
             f.flush()
         _fsync_file(tmp)
         os.replace(tmp, path)
@@ -222,6 +225,28 @@ def write_run_file(path: str | os.PathLike, rf: RunFile) -> None:
             code = getattr(e, "errno", None) or (int(m.group(1)) if m else errno.EIO)
             raise OSError(code, f"cannot write {path}: {os.strerror(code)}") from None
         raise
+
+
+def _write_ticket(f: h5py.File, ticket: dict) -> None:
+    g = f.create_group("ticket")
+    g.attrs.update({k: v for k, v in ticket.items() if k != "criteria"})
+    for name, crit in ticket.get("criteria", {}).items():
+        c = g.create_group(name)
+        c.create_dataset("distance", data=np.asarray(crit["distance"], dtype=np.float64))
+        c.attrs.update({k: v for k, v in crit.items() if k != "distance"})
+
+
+def _attrs(a) -> dict:
+    return {k: (v.item() if hasattr(v, "item") else _text(v) if isinstance(v, bytes) else v) for k, v in a.items()}
+
+
+def _read_ticket(g: h5py.Group | None) -> dict:
+    if g is None:
+        return {}
+    out = _attrs(g.attrs)
+    out["criteria"] = {n: dict(_attrs(c.attrs), distance=np.array(c["distance"][()], dtype=np.float64))
+                       for n, c in g.items()}
+    return out
 
 
 def _text(v) -> str:
@@ -282,6 +307,7 @@ def _read_open(path: str, f: h5py.File) -> RunFile:
         comm=_read_table(f["comm"]) if "comm" in f else [],
         sparsity=_read_table(f["sparsity"]) if "sparsity" in f else [],
         coverage=_read_table(f["coverage"]) if "coverage" in f else [],
+        ticket=_read_ticket(f.get("ticket")),
         complete=bool(f.attrs.get("complete", 0)),
     )
 

@@ -47,6 +47,17 @@
                               sliced on one dim; below 1 for one sliced on two, where only the
                               ranks' diagonal blocks train: the independent-subnet design)
 
+/ticket                   attrs (pretraining files): emerged_step (-1 = not detected), emerged_epoch (NaN
+                              = not detected), criterion (the deciding one, train.ticket_criterion), window,
+                              threshold, stopped_early (1 when train.stop_at_ticket ended pretraining there),
+                              score ("l2"), groups (JSON list of the filter groups compared), ratio
+                              (early_bird's pruning ratio)
+/ticket/<criterion>/distance  float64 (T,) per criterion (filter_distance, early_bird): the window
+                              distance at each snapshot of /snapshots/index (the largest distance between
+                              that snapshot and each of the previous ``window``; NaN for the first ones);
+                              attrs emerged_step, emerged_epoch, window, threshold of that criterion
+                              (loft_hpc.metrics.ticket_detection)
+
 Group names of filter groups may contain dots; tensor names are state_dict keys (dots kept).
 Readers must check ``format_version``; writers bump it on any incompatible change.
 """
