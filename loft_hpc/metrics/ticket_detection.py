@@ -40,6 +40,13 @@ CRITERIA = ("filter_distance", "early_bird")
 EB_THRESHOLD = 0.1
 
 
+def detection_groups(groups) -> list[str]:
+    """Names of the filter groups the detection compares: those LoFT partitions (the groups the
+    prune stage prunes by default), or every group when the model partitions none."""
+    part = [g.name for g in groups if g.partitioned]
+    return part or [g.name for g in groups]
+
+
 def keep_mask(scores: np.ndarray, ratio: float) -> np.ndarray:
     """The layer-wise structured mask at pruning ratio ``ratio``: the ``max(1, round((1-ratio) C))``
     filters of largest score are kept (ties: lower index first, as a stable sort)."""

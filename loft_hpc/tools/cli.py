@@ -22,14 +22,17 @@ COMMANDS = {
 EXIT_USAGE = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command's arguments, or only those of ``only`` (a command name:
+    the other modules are not imported)."""
     p = argparse.ArgumentParser(prog="loft-tools", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="exit status: 0 done, 2 bad command line or input file (one line on stderr)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (mod, text) in COMMANDS.items():
         sp = sub.add_parser(name, help=text, description=text)
-        importlib.import_module(f"loft_hpc.tools.{mod}").add_arguments(sp)
+        if only is None or name == only:
+            importlib.import_module(f"loft_hpc.tools.{mod}").add_arguments(sp)
     return p
 
 
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None, prog_name: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if prog_name is not None:
         argv = [prog_name] + argv
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     mod = importlib.import_module(f"loft_hpc.tools.{COMMANDS[args.command][0]}")
     try:
         return int(mod.run(args) or 0)
