@@ -18,8 +18,10 @@ STAGES = {
     "pretrain": "LoFT (or dense) pretraining from theta_0 -> pretrain.h5",
     "prune": "find the tickets: structured/unstructured masks, one-shot or IMP -> tickets_pNN.h5",
     "retrain": "retrain each ticket data-parallel with its mask enforced -> retrain_pNN.h5",
+    "snapshots": "the ticket at every output.snapshot_weights step and at the end, retrained -> tickets@<S>_pNN.h5, retrain@<S>_pNN.h5",
     "all": "pretrain, prune, retrain, then print the summary table",
 }
+ORDER = ("pretrain", "prune", "retrain", "snapshots")
 EXIT_CONFIG = 2
 
 
@@ -39,7 +41,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         epilog=f"stages:\n{stages}\n\nconfig sections and keys (override any with section.key=value):\n" + "\n".join(sections)
         + "\n\nexit codes: 0 done, 2 bad config/input, 3 stopped on signal after a checkpoint (run again to resume)")
     p.add_argument("--config", default=None, help="YAML config file (default: the embedded default, configs/default.yaml)")
-    p.add_argument("--stage", default="all", help="pretrain, prune, retrain, all, or a comma list (default: all)")
+    p.add_argument("--stage", default="all", help="pretrain, prune, retrain, snapshots, all, or a comma list (default: all)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return p
@@ -54,7 +56,7 @@ def parse_stages(text: str) -> list[str]:
             raise ConfigError(f"--stage: {s!r} is not one of {', '.join(STAGES)}")
     if "all" in parts:
         return ["pretrain", "prune", "retrain"]
-    return [s for s in ("pretrain", "prune", "retrain") if s in parts]
+    return [s for s in ORDER if s in parts]
 
 
 def default_config_path() -> str:
@@ -139,7 +141,10 @@ def run_stages(cfg, dist, stages, bundle) -> int:
     lock, err = None, None
     if dist.is_root:
         try:
-            lock = RunLock(paths.root, job_scopes(stages, cfg.prune.mask_from)).acquire()
+            from loft_hpc.stages.snapshot_tickets import snapshot_points
+
+            points = snapshot_points(cfg) if "snapshots" in stages else []
+            lock = RunLock(paths.root, job_scopes(stages, cfg.prune.mask_from, points)).acquire()
             for note in lock.notes:
                 log(f"lock: {note}", rank=0)
         except LockError as e:
@@ -204,6 +209,15 @@ def _stages(cfg, dist, stages, bundle, paths, stop) -> int:
             from loft_hpc.stages.summary import finish_summary
 
             finish_summary(paths, cfg.prune.ratios, cfg.prune.mask_from)
+        if "snapshots" in stages:
+            from loft_hpc.stages.snapshot_tickets import run_snapshot_tickets
+
+            if len(stages) > 1 and dist.any_flag(stop.received is not None):  # collective: every rank
+                log("stop requested: the finished stages are written; exiting for requeue before the snapshot tickets",
+                    rank=dist.rank)
+                return EXIT_REQUEUE
+            if not run_snapshot_tickets(ctx, bundle):
+                return EXIT_REQUEUE
         return 0
     except StopForRequeue:
         return EXIT_REQUEUE

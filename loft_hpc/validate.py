@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from loft_hpc.config import ConfigError, JobConfig
 from loft_hpc.config.steps import Step
+from loft_hpc.config.schema import rewind_point
 from loft_hpc.train.stream import batches_per_epoch, samples_per_rank  # the streams' own rule
 
 
@@ -52,8 +53,17 @@ def check_schedule_points(cfg: JobConfig, n_train: int, world: int, stages: list
             _check_before_end("train.milestones", t.milestones, t.duration, pre_bpe, "pretraining")
         _check_before_end("output.snapshot_weights", cfg.output.snapshot_weights, t.duration, pre_bpe, "pretraining",
                           " (the end of pretraining is pretrain.h5 itself)")
+        if t.stop_at_ticket:
+            total = t.duration.iterations(pre_bpe)
+            every = cfg.output.snapshot_every.iterations(pre_bpe)
+            snaps = 1 + (total // every if every > 0 else 0)
+            if snaps < t.ticket_window + 1:
+                raise ConfigError(f"train.stop_at_ticket: pretraining takes {snaps} filter-score snapshot(s) "
+                                  f"(step 0 and every output.snapshot_every={cfg.output.snapshot_every}), the detection "
+                                  f"compares each with the previous train.ticket_window={t.ticket_window}: snapshot "
+                                  f"more often or lower the window")
     if "pretrain" in stages or "prune" in stages:
-        for key, value in (("prune.rewind", p.rewind), ("prune.mask_from", p.mask_from)):
+        for key, value in (("prune.rewind", rewind_point(p)), ("prune.mask_from", p.mask_from)):
             if value not in ("init", "end") and Step.parse(value).iterations(pre_bpe) == 0:
                 hint = f"use {key}=init (theta_0)" if key == "prune.rewind" else \
                     "theta_0 ranks nothing that training found: use a later step or prune.mask_from=end"
@@ -67,11 +77,13 @@ def check_schedule_points(cfg: JobConfig, n_train: int, world: int, stages: list
 
 def validate_job(cfg: JobConfig, world: int, stages: list[str]):
     """Returns the data bundle (loaded once here, reused by the stages)."""
+    if "snapshots" in stages:  # it prunes and retrains: every check of those stages applies
+        stages = list(stages) + [s for s in ("prune", "retrain") if s not in stages]
     if "pretrain" in stages and cfg.train.workers and cfg.train.workers != world:
         raise ConfigError(f"train.workers={cfg.train.workers}: this config pretrains on {cfg.train.workers} ranks, "
                           f"the job has {world} (start {cfg.train.workers} ranks, or set train.workers={world} or 0 "
                           f"to pretrain {'LoFT-' + str(world) if cfg.train.method == 'loft' else 'on ' + str(world) + ' ranks'})")
-    from loft_hpc.checkpoint.h5file import CheckpointError, weight_snapshot_labels
+    from loft_hpc.checkpoint.h5file import CheckpointError, stopped_early_hint, weight_snapshot_labels
     from loft_hpc.checkpoint.paths import RunPaths
     from loft_hpc.data import build_datasets, check_data
     from loft_hpc.partition.plan import check_partitionable
@@ -119,11 +131,32 @@ def validate_job(cfg: JobConfig, world: int, stages: list[str]):
             labels = weight_snapshot_labels(paths.pretrain)
         except CheckpointError as e:
             raise ConfigError(f"--stage prune: {e}") from None
-        for key, value in (("prune.mask_from", cfg.prune.mask_from), ("prune.rewind", cfg.prune.rewind)):
+        for key, value in (("prune.mask_from", cfg.prune.mask_from), ("prune.rewind", rewind_point(cfg.prune))):
             if value not in ("init", "end") and str(Step.parse(value)) not in labels:
                 raise ConfigError(f"{key}={value}: {paths.pretrain} holds no weight snapshot requested at {value} "
                                   f"(it has: {', '.join(sorted(labels)) or 'none'}); snapshots are stored only when "
-                                  f"requested before pretraining (prune.rewind, prune.mask_from, output.snapshot_weights)")
+                                  f"requested before pretraining (prune.rewind, prune.mask_from, output.snapshot_weights)"
+                                  f"{stopped_early_hint(paths.pretrain)}")
+    if "snapshots" in stages:
+        from loft_hpc.stages.snapshot_tickets import snapshot_points
+
+        points = snapshot_points(cfg)[:-1]
+        if not points:
+            raise ConfigError("--stage snapshots: output.snapshot_weights lists no pretraining step after 0 "
+                              "(e.g. output.snapshot_weights=[1ep,2ep,4ep], set before pretraining)")
+        if "pretrain" not in stages:
+            if not paths.pretrain.is_file():
+                raise ConfigError(f"--stage snapshots: {paths.pretrain} does not exist (run --stage pretrain with "
+                                  f"output.dir={cfg.output.dir} first)")
+            try:
+                labels = weight_snapshot_labels(paths.pretrain)
+            except CheckpointError as e:
+                raise ConfigError(f"--stage snapshots: {e}") from None
+            missing = [p for p in points if p not in labels]
+            if missing:
+                raise ConfigError(f"--stage snapshots: {paths.pretrain} holds no weight snapshot at {', '.join(missing)} "
+                                  f"(it has: {', '.join(sorted(labels)) or 'none'}; output.snapshot_weights must be "
+                                  f"set before pretraining){stopped_early_hint(paths.pretrain)}")
     if "prune" not in stages and "retrain" in stages:
         for r in cfg.prune.ratios:
             t = paths.ticket(cfg.prune.mask_from, r)

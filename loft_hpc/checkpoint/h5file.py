@@ -327,6 +327,20 @@ def weight_snapshot_labels(path: str | os.PathLike) -> dict[str, str]:
         raise CheckpointError(f"{path}: cannot be read as HDF5 ({e.__class__.__name__})") from None
 
 
+def stopped_early_hint(path: str | os.PathLike) -> str:
+    """``"; pretraining stopped early at step N ..."`` when the pretraining file says that
+    train.stop_at_ticket ended it (so later weight snapshots were never taken), else ``""``."""
+    try:
+        with h5py.File(os.fspath(path), "r") as f:
+            a = f["ticket"].attrs if "ticket" in f else {}
+            if int(a.get("stopped_early", 0)):
+                return (f"; pretraining stopped early at step {int(a['emerged_step'])} (train.stop_at_ticket), "
+                        f"before any later step")
+    except (OSError, KeyError, ValueError):
+        pass
+    return ""
+
+
 def check_model_state(path: str, saved: dict[str, torch.Tensor], model: torch.nn.Module, arch: str, saved_arch: str) -> None:
     """One-line CheckpointError unless the saved tensors fit ``model`` exactly."""
     if saved_arch != arch:

@@ -27,12 +27,17 @@ class LockError(RuntimeError):
     """The folder is in use: the message is one line naming the holder."""
 
 
-def job_scopes(stages: list[str], mask_from: str) -> list[str]:
+def job_scopes(stages: list[str], mask_from: str, snapshot_points: list[str] = ()) -> list[str]:
+    """The lock scopes a job writes: pretraining, and the tickets of each mask_from point
+    (``snapshot_points``: those of the ``snapshots`` stage)."""
     scopes = []
     if "pretrain" in stages:
         scopes.append("pretrain")
     if "prune" in stages or "retrain" in stages:
         scopes.append(f"tickets-{mask_from}")
+    for p in snapshot_points:
+        if f"tickets-{p}" not in scopes:
+            scopes.append(f"tickets-{p}")
     return scopes
 
 

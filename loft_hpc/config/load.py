@@ -175,11 +175,11 @@ def _check_cross_fields(job: JobConfig) -> None:
     job.retrain.milestones = _steps("retrain.milestones", job.retrain.milestones)
     job.output.snapshot_weights = _steps("output.snapshot_weights", job.output.snapshot_weights)
     r = job.prune.rewind
-    if r not in ("init", "end"):
+    if r not in ("init", "end", "mask_from"):
         try:
             Step.parse(r)
         except ValueError:
-            raise ConfigError(f"prune.rewind: {r!r} is not init, end or a step like '500it'") from None
+            raise ConfigError(f"prune.rewind: {r!r} is not init, end, mask_from or a step like '500it'") from None
     tags = {}
     for r in job.prune.ratios:
         tag = round(r * 100)

@@ -31,6 +31,9 @@ RATIOS = (lambda v: len(v) > 0 and all(0.0 < x < 1.0 for x in v), "must be a non
 
 ARCHS = ("preresnet18", "preresnet34", "resnet34", "resnet18_lth", "lenet300_100", "conv2", "conv4", "conv6", "vgg19")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")
+CONTROLS = ("random_reinit", "random_prune")
+CONTROL_LIST = (lambda v: all(isinstance(x, str) and x in CONTROLS for x in v) and len(set(v)) == len(v),
+                f"must be a list of distinct values from {', '.join(CONTROLS)}")
 
 
 @dataclass
@@ -103,7 +106,13 @@ class PruneConfig:
     conv_rate: float = opt(0.2, "unstructured layerwise: LTH per-round rate of conv layers: one LTH round prunes this fraction of each conv layer's surviving weights, so m rounds keep (1-conv_rate)^m. A ticket of ratio p is LTH's ticket after the (real) number of rounds m at which these compounded rates prune p overall, and each level k of n after the m_k rounds that keep (1-p)^(k/n) (Conv-2 after 5 rounds: conv 10%, fc 20%, ratio 0.66996 at 32x32x3: conv keeps 0.9^5, fc 0.8^5). 0 = conv layers not pruned", check=FRACTION)
     fc_rate: float = opt(0.2, "unstructured: LTH per-round rate of fully-connected layers, compounding like conv_rate (layerwise); 0 = fc layers not pruned (no mask, as the LTH ResNet-18/VGG-19 setting), also in global scope", check=FRACTION)
     mask_from: str = opt("end", "weights that rank the filters/weights: end (of pretraining) or a pretraining step in output.snapshot_weights ('5ep'): the ticket found at that snapshot")
-    rewind: str = opt("end", "weights the ticket restarts from: init (theta_0), end (end of pretraining: fine-tuning, the paper's release) or a step like '500it' / '2ep' of pretraining")
+    rewind: str = opt("end", "weights the ticket restarts from: init (theta_0), end (end of pretraining: fine-tuning, the paper's release), mask_from (the weights the mask is drawn from: a snapshot ticket restarts from its own snapshot, as if pretraining had stopped there) or a step like '500it' / '2ep' of pretraining")
+
+
+def rewind_point(prune: "PruneConfig") -> str:
+    """The pretraining point the ticket restarts from: ``prune.rewind``, with ``mask_from``
+    resolved to ``prune.mask_from``."""
+    return prune.mask_from if prune.rewind == "mask_from" else prune.rewind
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Stage ``pretrain``: LoFT (or the dense baseline) from theta_0 to ``pretrain.h5``."""
 from __future__ import annotations
 
+from loft_hpc.config.schema import rewind_point
 from loft_hpc.stages.common import lr_function, make_model, reuse_existing, stage_identity
 from loft_hpc.train.dense import DenseTrainer
 from loft_hpc.train.engine import Context
@@ -27,7 +28,7 @@ def run_pretrain(ctx: Context, bundle) -> None:
                                nesterov=t.nesterov, lr_fn=lr_function(t, ctx.dist.size), **kw)
         log(f"pretrain: dense data parallel on {ctx.dist.size} rank(s)", rank=ctx.dist.rank)
     # weights the pruning stage will need later: the rewind point and the snapshot tickets
-    for s in [cfg.prune.rewind, cfg.prune.mask_from]:
+    for s in [rewind_point(cfg.prune), cfg.prune.mask_from]:
         if s not in ("init", "end"):
             trainer.request_weight_snapshot(s)
     log(f"pretrain: {trainer.total} steps of {trainer.bpe} batches/epoch, {bundle.name}: "

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import torch
 
-from loft_hpc.checkpoint.h5file import CheckpointError, RunFile, check_model_state, read_run_file, write_run_file
+from loft_hpc.checkpoint.h5file import (CheckpointError, RunFile, check_model_state, read_run_file, stopped_early_hint,
+                                        write_run_file)
 from loft_hpc.config import config_to_yaml
 from loft_hpc.prune.masks import apply_masks_, sparsity_report, sparsity_rows, validate_masks
 from loft_hpc.prune.structured import channel_keep, channels_alive, masks_from_channels
 from loft_hpc.prune.unstructured import magnitude_masks
+from loft_hpc.config.schema import rewind_point
 from loft_hpc.config.steps import Step
 from loft_hpc.stages.common import lr_function, make_model, reuse_existing, stage_identity
 from loft_hpc.train.dense import DenseTrainer
@@ -46,7 +48,8 @@ def weights_at(ctx: Context, pre: RunFile, point: str, key: str) -> tuple[dict[s
     if rel is None:
         raise CheckpointError(f"{paths.pretrain}: no weight snapshot for {key}={point} (snapshots: "
                               f"{', '.join(sorted(pre.weight_snapshots)) or 'none'}; a snapshot is stored only when "
-                              f"requested before pretraining, by prune.rewind, prune.mask_from or output.snapshot_weights)")
+                              f"requested before pretraining, by prune.rewind, prune.mask_from or output.snapshot_weights)"
+                              f"{stopped_early_hint(paths.pretrain)}")
     p = paths.root / rel
     rf = read_run_file(p)
     return rf.model, p, int(rf.progress.get("step", -1))
@@ -73,8 +76,8 @@ def run_prune(ctx: Context, bundle) -> list[Path]:
     probe = make_model(cfg, bundle)
     pre = load_weights(paths.pretrain, probe, cfg.model.arch)
     source, source_path, source_step = weights_at(ctx, pre, pr.mask_from, "prune.mask_from")
-    rewind, rewind_path, rewind_step = weights_at(ctx, pre, pr.rewind, "prune.rewind")
-    for point, step in ((pr.mask_from, source_step), (pr.rewind, rewind_step)):
+    rewind, rewind_path, rewind_step = weights_at(ctx, pre, rewind_point(pr), "prune.rewind")
+    for point, step in ((pr.mask_from, source_step), (rewind_point(pr), rewind_step)):
         if point not in ("init", "end") and Step.parse(point).iterations(int(pre.progress["batches_per_epoch"])) != step:
             log(f"prune: the snapshot requested at {point} was taken at step {step} (the first round boundary "
                 f"at or after it): its weights are used", rank=dist.rank)

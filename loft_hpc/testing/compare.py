@@ -2,7 +2,7 @@
 
 Used by the resume and fault tests and by ``tools/fault_trials.py``: weights and buffers,
 momentum, theta_0, masks, every column of ``/metrics``, ``/comm`` and ``/sparsity``, the snapshot
-index and scores, the weight snapshots, progress, identity, mask attributes, and every rank's RNG
+index and scores, the ticket detection (/ticket), the weight snapshots, progress, identity, mask attributes, and every rank's RNG
 states, byte counters, running loss sums and buffers.
 """
 from __future__ import annotations
@@ -34,6 +34,25 @@ def _tensors(what: str, a: dict, b: dict) -> list[str]:
     return [f"{what}: {n} differs" for n in a if not torch.equal(a[n], b[n])]
 
 
+def _ticket(ta: dict, tb: dict) -> list[str]:
+    """The /ticket groups: every attribute and every criterion's distance series (NaN = NaN)."""
+    ca, cb = ta.get("criteria", {}), tb.get("criteria", {})
+    xa = {k: v for k, v in ta.items() if k != "criteria"}
+    xb = {k: v for k, v in tb.items() if k != "criteria"}
+    d = [f"/ticket: {k} = {xa.get(k)!r} against {xb.get(k)!r}" for k in sorted(set(xa) | set(xb))
+         if not _same(xa.get(k), xb.get(k))]
+    if set(ca) != set(cb):
+        return d + [f"/ticket: criteria {sorted(ca)} against {sorted(cb)}"]
+    for name in ca:
+        for k in sorted(set(ca[name]) | set(cb[name])):
+            x, y = ca[name].get(k), cb[name].get(k)
+            same = np.array_equal(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), equal_nan=True) \
+                if k == "distance" else _same(x, y)
+            if not same:
+                d.append(f"/ticket/{name}: {k} differs")
+    return d
+
+
 def run_differences(a, b) -> list[str]:
     """Everything two RunFiles differ in, but wall-clock times (empty = the same run)."""
     d = []
@@ -54,6 +73,7 @@ def run_differences(a, b) -> list[str]:
             for kind, rows in per.items():
                 if not np.array_equal(np.stack(rows), np.stack(b.snap_scores[g][kind])):
                     d.append(f"snapshot scores {g}/{kind} differ")
+    d += _ticket(a.ticket, b.ticket)
     for what in ("weight_snapshots", "identity", "mask_attrs", "world_size"):
         if getattr(a, what) != getattr(b, what):
             d.append(f"{what} differs")

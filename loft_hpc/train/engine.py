@@ -21,6 +21,7 @@ from loft_hpc.checkpoint.paths import RunPaths
 from loft_hpc.config import JobConfig
 from loft_hpc.config.steps import Step
 from loft_hpc.exchange.collectives import Collectives
+from loft_hpc.metrics.ticket_detection import CRITERIA, TicketDetector, detection_groups
 from loft_hpc.models.groups import FilterGroup
 from loft_hpc.train import callbacks, persistence
 from loft_hpc.train.evaluate import evaluate, train_eval_subset
@@ -93,6 +94,59 @@ class RoundTrainer:
         # loss sum, correct, samples since the last row; kept on the device (no sync per step)
         self.run_stats = torch.zeros(3, dtype=torch.float64, device=self.dist.device)
         self._assembled_cache = None  # (step, buffers of the assembled model at that step)
+        self.stopped_early = False  # train.stop_at_ticket ended pretraining at the detection
+        self.detectors: dict[str, TicketDetector] = {}
+        self.detect_groups: list[str] = []
+
+    def _new_detectors(self) -> None:
+        """Ticket detection (pretraining only): one detector per criterion over the pruned groups."""
+        if self.stage != "pretrain" or not self.groups:
+            return
+        t = self.cfg.train
+        self.detect_groups = detection_groups(self.groups)
+        self.detectors = {c: TicketDetector(c, t.ticket_window, t.ticket_eb_threshold if c == "early_bird"
+                                            else t.ticket_threshold, t.ticket_ratio) for c in CRITERIA}
+
+    def _detect(self, step: int, scores: dict, quiet: bool = False) -> bool:
+        """Feed one snapshot's l2 scores to the detectors; True when the deciding criterion
+        (train.ticket_criterion) declares the ticket at this snapshot. Every rank holds the same
+        weights at a round boundary, so every rank reaches the same verdict without communicating."""
+        fired = {}
+        for c, det in self.detectors.items():
+            fired[c] = det.update(step, step / self.bpe, {g: scores[g]["l2"] for g in self.detect_groups})
+            if fired[c] and not quiet:
+                d = det.detection
+                log(f"{self.ckpt_stage}: ticket detected by {c} at step {step} (epoch {step / self.bpe:.2f}, "
+                    f"{step / max(self.total, 1):.0%} of pretraining): window distance {d.distance[-1]:.4f} "
+                    f"{'<=' if c == 'early_bird' else '<'} {d.threshold:g} against the previous {d.window} snapshots",
+                    rank=self.dist.rank)
+        return fired.get(self.cfg.train.ticket_criterion, False)
+
+    def _replay_detection(self) -> None:
+        """Rebuild the detectors from the snapshot history (after a resume)."""
+        self._new_detectors()
+        h = self.hist
+        for i, (step, _r, _e) in enumerate(h.snap_index):
+            self._detect(step, {g: {"l2": h.snap_scores[g]["l2"][i]} for g in self.detect_groups}, quiet=True)
+        d = self.detectors.get(self.cfg.train.ticket_criterion)
+        if self.cfg.train.stop_at_ticket and d is not None and d.detection.emerged:
+            self.stopped_early = True  # a resume after the detection (the final file was not written)
+
+    def ticket_record(self) -> dict:
+        """The /ticket group of the stage's files (layout: /ticket)."""
+        if not self.detectors:
+            return {}
+        import json
+
+        t = self.cfg.train
+        main = self.detectors[t.ticket_criterion].detection
+        crit = {c: {"emerged_step": d.detection.emerged_step, "emerged_epoch": d.detection.emerged_epoch,
+                    "window": d.detection.window, "threshold": d.detection.threshold,
+                    "distance": list(d.detection.distance)}
+                for c, d in self.detectors.items()}
+        return {"emerged_step": main.emerged_step, "emerged_epoch": main.emerged_epoch, "criterion": main.criterion,
+                "window": main.window, "threshold": main.threshold, "stopped_early": int(self.stopped_early),
+                "score": "l2", "groups": json.dumps(self.detect_groups), "ratio": t.ticket_ratio, "criteria": crit}
 
     def lr(self, step: int) -> float:
         return self._lr_fn(step, self.total, self.bpe)
@@ -145,7 +199,10 @@ class RoundTrainer:
         random.seed(s)
 
     def run(self) -> None:
-        if not persistence.try_resume(self):
+        if persistence.try_resume(self):
+            self._replay_detection()
+        else:
+            self._new_detectors()
             self.seed_global_rngs()
             self.on_fresh_start()
             self._snapshot()
@@ -155,7 +212,7 @@ class RoundTrainer:
         self.ledger.record(self.round, self.step)  # round 0: whatever moved before the first step
         t0 = time.time() - self.wall
         bar = self._progress_bar()
-        while self.step < self.total:
+        while self.step < self.total and not self.stopped_early:
             prev = self.step
             n = min(self.K, self.total - self.step)
             callbacks.fire("round_start", self)
@@ -182,8 +239,12 @@ class RoundTrainer:
         # Same decisions in the same order on every rank: they depend only on (prev, step).
         due = self.events.due(prev, self.step)
         last = self.step >= self.total
-        if due.snapshot:
-            self._snapshot()
+        if due.snapshot and self._snapshot() and self.cfg.train.stop_at_ticket and not last:
+            # the ticket has emerged: this boundary ends pretraining (evaluated and saved as the last)
+            log(f"{self.ckpt_stage}: stopping pretraining at step {self.step} of {self.total} "
+                f"(train.stop_at_ticket)", rank=self.dist.rank)
+            self.stopped_early, last = True, True
+            due.evaluate, due.log = True, False
         if due.weight_labels:
             persistence.save_weight_snapshot(self, due.weight_labels)
             self.ledger.record(self.round, self.step)  # e.g. the dense BN averaging it needed
@@ -254,11 +315,17 @@ class RoundTrainer:
             f"train_acc {row['train_acc']:.4f} test_acc {row['test_acc']:.4f} "
             f"lr {row['lr']:.4g} bytes {int(sent + recv):,} wall {self.wall:.1f}s", rank=self.dist.rank)
 
-    def _snapshot(self) -> None:
-        if not self.dist.is_root or (self.hist.snap_index and self.hist.snap_index[-1][0] == self.step):
-            return
+    def _snapshot(self) -> bool:
+        """Append the filter scores of this boundary to the history (every rank keeps it: the
+        weights are the same on every rank, and the ticket detection reads it) and run the ticket
+        detection on them; True when the deciding criterion declares the ticket here."""
+        if self.hist.snap_index and self.hist.snap_index[-1][0] == self.step:
+            return False
         self.hist.snap_index.append((self.step, self.round, self.step // self.bpe))
+        scores = {}
         for g, sc in filter_scores(self.model.state_dict(), self.groups).items():
             per = self.hist.snap_scores.setdefault(g, {"l2": [], "l1": []})
-            per["l2"].append(sc["l2"].numpy())
-            per["l1"].append(sc["l1"].numpy())
+            scores[g] = {"l2": sc["l2"].numpy(), "l1": sc["l1"].numpy()}
+            per["l2"].append(scores[g]["l2"])
+            per["l1"].append(scores[g]["l1"])
+        return self._detect(self.step, scores) if self.detectors else False

@@ -45,7 +45,7 @@ def runfile(tr, *, stage: str, complete: bool, light: bool = False, ranks=None) 
         masks=tr.masks or {}, mask_attrs=tr.mask_attrs, sparsity=tr.sparsity, coverage=tr.coverage,
         snap_index=[] if light else h.snap_index, snap_scores={} if light else h.snap_scores,
         weight_snapshots=h.weight_snapshots, metrics=[] if light else h.metrics,
-        comm=[] if light else h.comm, complete=complete)
+        comm=[] if light else h.comm, ticket={} if light else tr.ticket_record(), complete=complete)
 
 
 def gather_rank_states(tr, buffers: dict) -> list[dict] | None:
