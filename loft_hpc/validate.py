@@ -162,4 +162,7 @@ def validate_job(cfg: JobConfig, world: int, stages: list[str]):
             t = paths.ticket(cfg.prune.mask_from, r)
             if not t.is_file():
                 raise ConfigError(f"--stage retrain: {t} does not exist (run --stage prune first)")
+        if "random_prune" in cfg.retrain.controls and not paths.pretrain.is_file():
+            raise ConfigError(f"retrain.controls=random_prune: {paths.pretrain} does not exist (the control starts "
+                              f"from the ticket's unmasked rewound weights, read from it)")
     return bundle

@@ -34,6 +34,9 @@ RESULT_KEYS = {
     "ticket-imp": ("data", "model", "prune", "retrain", "train.seed"),
     "imp": ("data", "model", "prune", "retrain", "train.seed"),
     "retrain": ("data", "model", "retrain", "train.seed"),
+    # a control of a ticket (retrain.controls): its own kind, so a control file is never reused as another
+    "retrain-random_reinit": ("data", "model", "retrain", "train.seed"),
+    "retrain-random_prune": ("data", "model", "retrain", "train.seed"),
 }
 # keys that never change results: where the data lives, how it is loaded, how often the job
 # evaluates, logs or checks, on which device and threads it runs, where it writes
@@ -43,6 +46,7 @@ OPERATIONAL = {
     "train.threads", "train.device",
     "train.workers",  # a check of the job's rank count (0 or S), not a setting
     "prune.ratios",  # one file per ratio: the ratio is in the file's name
+    "retrain.controls",  # which control files are made (each named by its control and of its own kind)
 }
 
 

@@ -19,9 +19,12 @@
     /ranks/<rank>             attrs: numpy (JSON of numpy's legacy state), python (repr of
                               random.getstate()), bytes_sent, bytes_received, comm_seconds (that
                               rank's counters since the start of the stage)
-    /init/<tensor>            theta_0: the weights before the first step (pretraining files)
+    /init/<tensor>            theta_0: the weights before the first step (pretraining files; control
+                              files: the control's starting weights, masks applied)
     /masks/<tensor>           uint8 0/1, gzip+shuffle; one per pruned weight (ticket and retrain files)
-    /masks                    attrs: ratio, method, scope, level, mask_from, rewind
+    /masks                    attrs: ratio, method, scope, level, mask_from, rewind; control files
+                              (retrain_pNN_<control>.h5) also control (random_reinit, random_prune)
+                              and control_seed (the seed its weights or mask were drawn from)
     /snapshots/index          (T, 3) int64 rows [step, round, epoch]; growing (maxshape None)
     /snapshots/scores/<group>/l2, l1
                               (T, C) float32 per filter group; row t = snapshot t; growing

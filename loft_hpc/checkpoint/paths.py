@@ -8,6 +8,9 @@
     <dir>/tickets_p<NN>.h5, tickets@<S>_p<NN>.h5   ticket (masks + rewound weights) per ratio, from the end / snapshot S
     <dir>/imp/<ticket>_level<k>.h5          IMP: retrained weights of level k < n
     <dir>/retrain_p<NN>.h5, retrain@<S>_p<NN>.h5   retrained ticket per pruning ratio
+    <dir>/retrain_p<NN>_<control>.h5, retrain@<S>_p<NN>_<control>.h5
+                                            a control of that ticket, retrained (retrain.controls:
+                                            random_reinit, random_prune)
     <dir>/summary.txt                       the summary table (written by the job that retrains the last ticket)
 """
 from __future__ import annotations
@@ -118,6 +121,13 @@ class RunPaths:
     def retrain(self, mask_from: str, ratio: float) -> Path:
         t = self._tag(mask_from, ratio)
         return self.root / (f"retrain_{t}.h5" if mask_from == "end" else f"retrain{t}.h5")
+
+    def control(self, kind: str, mask_from: str, ratio: float) -> Path:
+        """The retrained control ``kind`` (random_reinit, random_prune) of one ticket:
+        ``retrain_p50_random_reinit.h5``, ``retrain@2ep_p50_random_prune.h5``; its checkpoint
+        sub-folder is the file's stem."""
+        r = self.retrain(mask_from, ratio)
+        return r.with_name(f"{r.stem}_{kind}.h5")
 
     def retrain_stage(self, mask_from: str, ratio: float) -> str:
         """Checkpoint sub-folder name of one ticket's retraining."""

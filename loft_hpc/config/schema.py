@@ -125,6 +125,7 @@ class RetrainConfig:
     milestones: list = opt([], "multistep milestones, e.g. ['30ep', '60ep', '80ep']")
     gamma: float = opt(0.1, "multistep lr factor", check=POS)
     lr_scaling: str = opt("none", "scale lr with the ranks S: none, or linear (lr x S, for the global batch S x data.batch_size)", choices=("none", "linear"))
+    controls: list = opt([], "control branches retrained after each ticket with the same budget, each into its own file (retrain_pNN_<control>.h5): random_reinit (the ticket's masks on weights freshly initialised from a seed derived from train.seed) and random_prune (a random mask with the ticket's per-layer sparsity, on the ticket's rewound weights); e.g. [random_reinit, random_prune]", check=CONTROL_LIST)
 
 
 @dataclass

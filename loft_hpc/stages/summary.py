@@ -1,23 +1,74 @@
-"""The summary table of a run folder: dense pretrained accuracy, each ticket, bytes exchanged.
+"""The summary table of a run folder: dense pretrained accuracy, each ticket followed by its
+controls (``retrain.controls``), bytes exchanged, and a line on when pretraining detected the ticket.
 
 The job that retrains the tickets (``--stage all``, ``--stage retrain`` as the last job of a SLURM
-chain, or a snapshot-array task) ends with :func:`finish_summary`: once every configured ticket is
-retrained it writes ``summary.txt`` (tickets of the end of pretraining) or ``summary@<step>.txt``
-(tickets found at a pretraining snapshot, ``prune.mask_from``) and prints the table.
+chain, or a snapshot-array task) ends with :func:`finish_summary`: once every configured ticket and
+control is retrained it writes ``summary.txt`` (tickets of the end of pretraining) or
+``summary@<step>.txt`` (tickets found at a pretraining snapshot, ``prune.mask_from``) and prints
+the table.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+import yaml
 
 from loft_hpc.checkpoint.h5file import read_run_file
 from loft_hpc.checkpoint.paths import RunPaths, write_text_atomic
+from loft_hpc.config.schema import CONTROLS
 
 
 def _gb(n: float) -> str:
     return f"{n / 1e9:.4f} GB" if n >= 1e7 else f"{n / 1e6:.3f} MB"
 
 
-def summary_table(paths: RunPaths, ratios: list[float], mask_from: str = "end") -> str:
+def _retrained_row(name: str, path: Path) -> str:
+    """One row of a retrained file: its last test accuracy, pruned fraction and bytes."""
+    if not path.is_file():
+        return f"{name:<28} {'(not retrained)':>9}"
+    rf = read_run_file(path)
+    m = rf.metrics[-1] if rf.metrics else {}
+    kept = sum(r["kept"] for r in rf.sparsity)
+    total = sum(r["total"] for r in rf.sparsity)
+    nbytes = m.get("bytes_sent", 0) + m.get("bytes_received", 0)
+    return (f"{name:<28} {m.get('test_acc', float('nan')):>9.4f} "
+            f"{1 - kept / max(total, 1):>8.1%} {_gb(nbytes):>28}")
+
+
+def _at(step: int, epoch: float) -> str:
+    return f"step {step} (epoch {epoch:.1f})"
+
+
+def ticket_line(ticket: dict, progress: dict) -> str | None:
+    """One line on the ticket detection of pretraining (pretrain.h5 ``/ticket``), or None for a
+    file without one: the deciding criterion's verdict, the other criteria's, and whether
+    pretraining stopped there (train.stop_at_ticket). It starts with ``pretraining:`` (the rows of
+    the table start with ``ticket``)."""
+    if not ticket or "criterion" not in ticket:
+        return None
+    name = str(ticket["criterion"])
+    how = f"{name} (W={int(ticket.get('window', 0))}, eps={float(ticket.get('threshold', math.nan)):g})"
+    step = int(ticket.get("emerged_step", -1))
+    if step >= 0:
+        total = int(progress.get("total_steps", 0) or progress.get("step", 0))
+        share = f", {step / total:.0%} of pretraining" if total > 0 else ""
+        text = f"pretraining: ticket detected at step {step} (epoch {float(ticket.get('emerged_epoch', math.nan)):.1f}{share}) by {how}"
+    else:
+        text = f"pretraining: ticket not detected by {how} in {int(progress.get('step', 0))} steps of pretraining"
+    for other, c in sorted(ticket.get("criteria", {}).items()):
+        if other == name:
+            continue
+        s = int(c.get("emerged_step", -1))
+        text += f"; {other}: " + (_at(s, float(c.get("emerged_epoch", math.nan))) if s >= 0 else "not detected")
+    if step >= 0 and int(ticket.get("stopped_early", 0)):
+        text += "; pretraining stopped there"
+    return text
+
+
+def summary_table(paths: RunPaths, ratios: list[float], mask_from: str = "end", controls: list[str] = ()) -> str:
+    """The table: the pretrained model, then per ratio the retrained ticket followed by one row per
+    control of ``controls`` (``(not retrained)`` for a missing file), then the ticket-detection line."""
     lines = []
     pre = read_run_file(paths.pretrain) if paths.pretrain.is_file() else None
     head = f"{'model':<28} {'test acc':>9} {'pruned':>8} {'bytes exchanged (all ranks)':>28}"
@@ -25,24 +76,21 @@ def summary_table(paths: RunPaths, ratios: list[float], mask_from: str = "end") 
     if pre is not None:
         m = pre.metrics[-1] if pre.metrics else {}
         nbytes = m.get("bytes_sent", 0) + m.get("bytes_received", 0)
-        import yaml
-
         cfg = yaml.safe_load(pre.config_yaml)
         method = "LoFT" if cfg["train"]["method"] == "loft" else "dense"
         name = f"pretrained {method}-{pre.world_size} (unpruned)"
         lines.append(f"{name:<28} {m.get('test_acc', float('nan')):>9.4f} {0:>8.1%} {_gb(nbytes):>28}")
     for ratio in ratios:
         p = paths.retrain(mask_from, ratio)
-        if not p.is_file():
-            lines.append(f"{'ticket ' + f'{ratio:.0%}':<28} {'(not retrained)':>9}")
-            continue
-        rf = read_run_file(p)
-        m = rf.metrics[-1] if rf.metrics else {}
-        kept = sum(r["kept"] for r in rf.sparsity)
-        total = sum(r["total"] for r in rf.sparsity)
-        nbytes = m.get("bytes_sent", 0) + m.get("bytes_received", 0)
-        lines.append(f"{'ticket ' + f'{ratio:.0%}' + ' retrained':<28} {m.get('test_acc', float('nan')):>9.4f} "
-                     f"{1 - kept / max(total, 1):>8.1%} {_gb(nbytes):>28}")
+        lines.append(_retrained_row(f"ticket {ratio:.0%}" + (" retrained" if p.is_file() else ""), p))
+        for kind in controls:
+            lines.append(_retrained_row(f"  control {kind}", paths.control(kind, mask_from, ratio)))
+    if controls:
+        lines.append("controls: the ticket's mask on fresh random weights (random_reinit), a random mask of the "
+                     "ticket's per-layer sparsity on its weights (random_prune); same retraining budget")
+    line = ticket_line(pre.ticket, pre.progress) if pre is not None else None
+    if line:
+        lines.append(line)
     lines.append("pruned = fraction of the masked tensors' entries set to zero; bytes = payload sent + received by all ranks")
     return "\n".join(lines)
 
@@ -53,15 +101,40 @@ def summary_path(paths: RunPaths, mask_from: str = "end") -> Path:
     return paths.summary if mask_from == "end" else paths.root / f"summary@{mask_from}.txt"
 
 
-def finish_summary(paths: RunPaths, ratios: list[float], mask_from: str = "end") -> Path | None:
-    """When every ticket of ``ratios`` has its retrained file: write the summary file (through a
-    temporary name, so a reader never sees half a table; mode from the umask) and print the table
-    with the file's name. Returns the file, or None (nothing written) while a ticket is missing."""
-    missing = [paths.retrain(mask_from, r).name for r in ratios if not paths.retrain(mask_from, r).is_file()]
+# controls that the retrain stage of this process was configured with, per (run folder, mask_from):
+# the summary of that job waits for them (run.py and the snapshots stage call finish_summary with
+# the tickets only)
+_JOB_CONTROLS: dict[tuple[str, str], list[str]] = {}
+
+
+def note_controls(paths: RunPaths, mask_from: str, controls: list[str]) -> None:
+    """Called by the retrain stage: the controls this job retrains for the tickets of ``mask_from``."""
+    _JOB_CONTROLS[(str(paths.root.resolve()), mask_from)] = list(controls)
+
+
+def configured_controls(paths: RunPaths, ratios: list[float], mask_from: str = "end") -> list[str]:
+    """The controls of these tickets: those the retrain stage of this job was configured with
+    (:func:`note_controls`), or, in a process that retrained nothing, those whose files exist."""
+    noted = _JOB_CONTROLS.get((str(paths.root.resolve()), mask_from))
+    if noted is not None:
+        return noted
+    return [k for k in CONTROLS if any(paths.control(k, mask_from, r).is_file() for r in ratios)]
+
+
+def finish_summary(paths: RunPaths, ratios: list[float], mask_from: str = "end",
+                   controls: list[str] | None = None) -> Path | None:
+    """When every ticket of ``ratios`` and each of its ``controls`` (None: :func:`configured_controls`)
+    has its retrained file: write the summary file (through a temporary name, so a reader never sees
+    half a table; mode from the umask) and print the table with the file's name. Returns the file,
+    or None (nothing written) while a ticket or a control is missing."""
+    if controls is None:
+        controls = configured_controls(paths, ratios, mask_from)
+    wanted = [p for r in ratios for p in [paths.retrain(mask_from, r)] + [paths.control(k, mask_from, r) for k in controls]]
+    missing = [p.name for p in wanted if not p.is_file()]
     if missing:
         print(f"[loft] summary: not yet written ({', '.join(missing)} missing)", flush=True)
         return None
-    table = summary_table(paths, ratios, mask_from)
+    table = summary_table(paths, ratios, mask_from, controls)
     out = summary_path(paths, mask_from)
     write_text_atomic(out, table + "\n")
     print(f"\n{table}\n\nsummary: {out}", flush=True)
