@@ -55,7 +55,7 @@ def parse_stages(text: str) -> list[str]:
         if s not in STAGES:
             raise ConfigError(f"--stage: {s!r} is not one of {', '.join(STAGES)}")
     if "all" in parts:
-        return ["pretrain", "prune", "retrain"]
+        parts += ["pretrain", "prune", "retrain"]
     return [s for s in ORDER if s in parts]
 
 
@@ -208,7 +208,7 @@ def _stages(cfg, dist, stages, bundle, paths, stop) -> int:
             # job of a SLURM chain): it writes the summary and prints the table.
             from loft_hpc.stages.summary import finish_summary
 
-            finish_summary(paths, cfg.prune.ratios, cfg.prune.mask_from)
+            finish_summary(paths, cfg.prune.ratios, cfg.prune.mask_from, cfg.retrain.controls)
         if "snapshots" in stages:
             from loft_hpc.stages.snapshot_tickets import run_snapshot_tickets
 

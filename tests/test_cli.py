@@ -92,7 +92,7 @@ def test_help_lists_stages_sections_and_keys(jobs):
     # the "stages:" block: exactly the four stages, in pipeline order, each with its description
     block = out.split("\nstages:\n", 1)[1].split("\n\n", 1)[0].splitlines()
     listed = [ln.split(None, 1) for ln in block]
-    assert [name for name, _ in listed] == ["pretrain", "prune", "retrain", "all"], block
+    assert [name for name, _ in listed] == ["pretrain", "prune", "retrain", "snapshots", "all"], block
     for name, desc in listed:
         assert desc == STAGES[name], (name, desc)
     for name, (cls, desc) in SECTIONS.items():
@@ -177,6 +177,8 @@ def test_mpi_bad_value_one_line(jobs):
     ("retrain,pretrain", ["pretrain", "retrain"]),  # run in pipeline order whatever the order written
     ("prune, retrain", ["prune", "retrain"]),
     ("pretrain,all", ["pretrain", "prune", "retrain"]),
+    ("snapshots,pretrain", ["pretrain", "snapshots"]),
+    ("all,snapshots", ["pretrain", "prune", "retrain", "snapshots"]),
 ])
 def test_parse_stages(text, stages):
     assert parse_stages(text) == stages

@@ -210,7 +210,7 @@ def test_steps_lists_are_parsed():
 
 
 def test_rewind_mask_from_and_ticket_names():
-    assert err(["prune.rewind=later"]) == "prune.rewind: 'later' is not init, end or a step like '500it'"
+    assert err(["prune.rewind=later"]) == "prune.rewind: 'later' is not init, end, mask_from or a step like '500it'"
     for ok in ("init", "end", "3ep", "12it"):
         assert config_from_dict({}, [f"prune.rewind={ok}"]).prune.rewind == ok
     assert err(["prune.ratios=[0.3, 0.5, 0.304]"]) == (

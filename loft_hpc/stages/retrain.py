@@ -13,7 +13,6 @@ from loft_hpc.config.steps import Step
 from loft_hpc.prune.controls import control_seed, random_prune_masks, reinit_state
 from loft_hpc.prune.masks import sparsity_report, sparsity_rows, validate_masks
 from loft_hpc.stages.common import lr_function, make_model, reuse_existing, stage_identity
-from loft_hpc.stages.summary import note_controls
 from loft_hpc.stages.ticket import load_weights
 from loft_hpc.train.dense import DenseTrainer
 from loft_hpc.train.engine import Context
@@ -30,7 +29,6 @@ def _trainer(ctx: Context, model, target: Path, **kw) -> DenseTrainer:
 
 def run_retrain(ctx: Context, bundle) -> None:
     cfg, paths, dist = ctx.cfg, ctx.paths, ctx.dist
-    note_controls(paths, cfg.prune.mask_from, cfg.retrain.controls)  # the summary waits for them too
     for ratio in cfg.prune.ratios:
         target = paths.retrain(cfg.prune.mask_from, ratio)
         ticket_path = paths.ticket(cfg.prune.mask_from, ratio)

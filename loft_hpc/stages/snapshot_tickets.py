@@ -47,5 +47,5 @@ def run_snapshot_tickets(ctx: Context, bundle) -> bool:
         run_prune(sub, bundle)
         run_retrain(sub, bundle)
         if ctx.dist.is_root:
-            finish_summary(ctx.paths, ctx.cfg.prune.ratios, point)
+            finish_summary(ctx.paths, ctx.cfg.prune.ratios, point, ctx.cfg.retrain.controls)
     return True

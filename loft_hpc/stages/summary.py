@@ -16,7 +16,6 @@ import yaml
 
 from loft_hpc.checkpoint.h5file import read_run_file
 from loft_hpc.checkpoint.paths import RunPaths, write_text_atomic
-from loft_hpc.config.schema import CONTROLS
 
 
 def _gb(n: float) -> str:
@@ -101,34 +100,12 @@ def summary_path(paths: RunPaths, mask_from: str = "end") -> Path:
     return paths.summary if mask_from == "end" else paths.root / f"summary@{mask_from}.txt"
 
 
-# controls that the retrain stage of this process was configured with, per (run folder, mask_from):
-# the summary of that job waits for them (run.py and the snapshots stage call finish_summary with
-# the tickets only)
-_JOB_CONTROLS: dict[tuple[str, str], list[str]] = {}
-
-
-def note_controls(paths: RunPaths, mask_from: str, controls: list[str]) -> None:
-    """Called by the retrain stage: the controls this job retrains for the tickets of ``mask_from``."""
-    _JOB_CONTROLS[(str(paths.root.resolve()), mask_from)] = list(controls)
-
-
-def configured_controls(paths: RunPaths, ratios: list[float], mask_from: str = "end") -> list[str]:
-    """The controls of these tickets: those the retrain stage of this job was configured with
-    (:func:`note_controls`), or, in a process that retrained nothing, those whose files exist."""
-    noted = _JOB_CONTROLS.get((str(paths.root.resolve()), mask_from))
-    if noted is not None:
-        return noted
-    return [k for k in CONTROLS if any(paths.control(k, mask_from, r).is_file() for r in ratios)]
-
-
 def finish_summary(paths: RunPaths, ratios: list[float], mask_from: str = "end",
-                   controls: list[str] | None = None) -> Path | None:
-    """When every ticket of ``ratios`` and each of its ``controls`` (None: :func:`configured_controls`)
-    has its retrained file: write the summary file (through a temporary name, so a reader never sees
+                   controls: list[str] = ()) -> Path | None:
+    """When every ticket of ``ratios`` and each of its ``controls`` (``retrain.controls``) has its
+    retrained file: write the summary file (through a temporary name, so a reader never sees
     half a table; mode from the umask) and print the table with the file's name. Returns the file,
     or None (nothing written) while a ticket or a control is missing."""
-    if controls is None:
-        controls = configured_controls(paths, ratios, mask_from)
     wanted = [p for r in ratios for p in [paths.retrain(mask_from, r)] + [paths.control(k, mask_from, r) for k in controls]]
     missing = [p.name for p in wanted if not p.is_file()]
     if missing:
