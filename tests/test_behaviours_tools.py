@@ -1,11 +1,13 @@
 """The offline tools on real run files, against values computed here from the files themselves
 (issue 18, item 5g-i).
 
-g. tools/comm_table.py on a dense pretraining file and on a retraining file: per-rank byte totals
-   equal the sums of the file's /comm rows; a dense step moves 4 bytes per trainable parameter
-   (counted from the file's /model), plus the BN statistics averaged at an evaluation.
-h. tools/heatmap.py: the matrices and curves it draws equal filter distances computed by brute
-   force from /snapshots/scores (and the scores are the producers' squared L2 / L1 row norms).
+g. ``loft-tools comm`` (run as tools/comm_table.py, the README's command) on a dense pretraining
+   file and on a retraining file: per-rank byte totals equal the sums of the file's /comm rows; a
+   dense step moves 4 bytes per trainable parameter (counted from the file's /model), plus the BN
+   statistics averaged at an evaluation.
+h. ``loft-tools heatmap`` (loft_hpc.tools.heatmap): the matrices and curves it draws equal filter
+   distances computed by brute force from /snapshots/scores (and the scores are the producers'
+   squared L2 / L1 row norms).
 i. tools/bench_loft.py on a tiny setting: the byte counts it reports equal the analytic counts of
    loft_hpc/exchange/accounting.py and what the run's /comm says (timings are not asserted).
 
@@ -38,16 +40,20 @@ from loft_hpc.config import load_config
 from loft_hpc.data import build_datasets
 from loft_hpc.exchange.accounting import dense_step_bytes, loft_sync_bytes
 from loft_hpc.stages.common import make_model
+from loft_hpc.tools import heatmap as heat
+from loft_hpc.tools.reading import pyplot
 from tests import mpi_util
 from tests.mpi_util import PY, REPO, TINY, ok, run_job
 
 TOOLS = REPO / "tools"
 CONFIG = str(REPO / "configs" / "default.yaml")
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+plt = pyplot()
 
 
 def load_tool(name: str):
-    """tools/<name>.py imported as a module (the tools put tools/ on sys.path themselves)."""
+    """tools/<name>.py imported as a module (the developer tools there that are not loft-tools
+    commands, e.g. bench_loft.py)."""
     spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -258,7 +264,6 @@ def panel_arrays(fig) -> list[np.ndarray]:
 
 
 def test_heatmap_numbers_are_brute_force_filter_distances(dense_dir):
-    heat = load_tool("heatmap")
     path = dense_dir / "pretrain.h5"
     rf = read_run_file(path)
     cfg = load_config(CONFIG, [*JOB, f"output.dir={dense_dir}"])
@@ -279,7 +284,7 @@ def test_heatmap_numbers_are_brute_force_filter_distances(dense_dir):
         for normalize in (True, False):
             fig = heat.heatmap_figure(rf, names, partitioned, score, "epoch", normalize, "t")
             drawn = panel_arrays(fig)
-            heat.plt.close(fig)
+            plt.close(fig)
             assert len(drawn) == len(names)
             for g, got in zip(names, drawn):
                 h = np.stack([np.asarray(r, dtype=np.float64) for r in rf.snap_scores[g][score]])
@@ -298,13 +303,12 @@ def test_heatmap_numbers_are_brute_force_filter_distances(dense_dir):
         np.testing.assert_allclose(np.asarray(lines[g].get_ydata(), dtype=np.float64),
                                    [bf_distance(h[-1], h[b]) for b in range(len(h))], rtol=1e-9, atol=1e-12)
         np.testing.assert_array_equal(lines[g].get_xdata(), [s for s, _, _ in rf.snap_index])
-    heat.plt.close(fig)
+    plt.close(fig)
 
 
 def test_heatmap_numbers_with_tied_scores(dense_dir):
     """Scores of a ticket tie (its pruned filters score 0): the same file with half of every
     group's filters zeroed in some snapshots, and a few equal scores elsewhere."""
-    heat = load_tool("heatmap")
     rf = read_run_file(dense_dir / "pretrain.h5")
     tied = copy.deepcopy(rf)
     rng = np.random.default_rng(0)
@@ -320,7 +324,7 @@ def test_heatmap_numbers_with_tied_scores(dense_dir):
     for g, got in zip(names, panel_arrays(fig)):
         h = np.stack([np.asarray(r, dtype=np.float64) for r in tied.snap_scores[g]["l2"]])
         np.testing.assert_allclose(got, bf_matrix(h), rtol=1e-9, atol=1e-12, err_msg=g)
-    heat.plt.close(fig)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------- (i)

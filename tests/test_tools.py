@@ -1,7 +1,9 @@
 """The filter-distance metric on hand-made cases, and the analysis CLIs on a real (tiny) run file.
 
-tools/filter_distance.py, tools/heatmap.py and tools/comm_table.py run as subprocesses on one
-pretraining file made once per module (single process, synthetic data, ~10 s)."""
+tools/filter_distance.py, tools/heatmap.py and tools/comm_table.py (the README's commands: thin entry
+points of ``loft-tools distance``, ``heatmap`` and ``comm``, loft_hpc.tools.*) run as subprocesses on
+one pretraining file made once per module (two ranks, synthetic data, ~10 s). tests/test_tools_cli.py
+runs the installed ``loft-tools`` itself, on bad inputs too."""
 from __future__ import annotations
 
 import csv
@@ -362,6 +364,8 @@ def test_filter_distance_cli(run_dir, tmp_path):
 
     bad = _run([TOOLS / "filter_distance.py", run, "--group", "no.such.group"], check=False)
     assert bad.returncode == 2 and "no filter group no.such.group" in bad.stderr
+    lines = bad.stderr.splitlines()  # one line, naming the command and the file
+    assert len(lines) == 1 and lines[0].startswith("loft-tools distance: error: ") and str(run) in lines[0]
 
 
 def test_filter_distance_cli_ties_by_brute_force(tmp_path):
