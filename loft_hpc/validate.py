@@ -55,13 +55,13 @@ def check_schedule_points(cfg: JobConfig, n_train: int, world: int, stages: list
                           " (the end of pretraining is pretrain.h5 itself)")
         if t.stop_at_ticket:
             total = t.duration.iterations(pre_bpe)
-            every = cfg.output.snapshot_every.iterations(pre_bpe)
+            every = max(cfg.output.snapshot_every.iterations(pre_bpe), t.ticket_every.iterations(pre_bpe))
             snaps = 1 + (total // every if every > 0 else 0)
             if snaps < t.ticket_window + 1:
-                raise ConfigError(f"train.stop_at_ticket: pretraining takes {snaps} filter-score snapshot(s) "
-                                  f"(step 0 and every output.snapshot_every={cfg.output.snapshot_every}), the detection "
-                                  f"compares each with the previous train.ticket_window={t.ticket_window}: snapshot "
-                                  f"more often or lower the window")
+                raise ConfigError(f"train.stop_at_ticket: the detection sees {snaps} filter-score snapshot(s) in "
+                                  f"pretraining (step 0 and every output.snapshot_every={cfg.output.snapshot_every}, "
+                                  f"train.ticket_every={t.ticket_every}) and compares each with the previous "
+                                  f"train.ticket_window={t.ticket_window}: lower the window or train.ticket_every")
     if "pretrain" in stages or "prune" in stages:
         for key, value in (("prune.rewind", rewind_point(p)), ("prune.mask_from", p.mask_from)):
             if value not in ("init", "end") and Step.parse(value).iterations(pre_bpe) == 0:

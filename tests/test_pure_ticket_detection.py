@@ -142,3 +142,21 @@ def test_bad_parameters_are_refused(bad):
 def test_history_length_must_match_the_index():
     with pytest.raises(ValueError, match="snapshots"):
         detect([0, 1, 2], [0, 1, 2], {"g": np.zeros((2, 4))}, criterion="filter_distance", window=1, threshold=0.1)
+
+
+def test_cadence_uses_the_first_snapshot_at_or_after_each_multiple():
+    """every=21 with snapshots at LoFT round boundaries (K=5): 0, 25, 45, 65 are used (the first at
+    or after 0, 21, 42, 63), the others skipped with a NaN distance; the result equals the detection
+    on the used snapshots alone."""
+    rng = np.random.default_rng(7)
+    steps = [0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70]
+    hist = {"g": rng.normal(size=(len(steps), 12))}
+    det = detect(steps, [s / 21 for s in steps], hist, criterion="early_bird", window=1, threshold=1.0, every=21)
+    used = [0, 5, 9, 13]
+    assert [i for i, d in enumerate(det.distance) if not math.isnan(d)] == used[1:]
+    alone = detect([steps[i] for i in used], [steps[i] / 21 for i in used], {"g": hist["g"][used]},
+                   criterion="early_bird", window=1, threshold=1.0)
+    np.testing.assert_array_equal([det.distance[i] for i in used], alone.distance)  # NaN where NaN
+    assert det.emerged_step == 25 and alone.emerged_step == 25
+    with pytest.raises(ValueError):
+        TicketDetector("filter_distance", 1, 0.1, every=-1)

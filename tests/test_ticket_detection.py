@@ -23,7 +23,7 @@ from tests.mpi_util import PY, REPO, TINY, ok, run_job
 
 # synthetic: 192 images, batch 16, LoFT (every rank the whole set): 12 batches per epoch; 13 snapshots
 PRE = TINY + ["train.duration=48it", "train.local_steps=4", "train.eval_every=12it", "output.checkpoint_every=24it",
-              "output.snapshot_every=4it", "train.ticket_window=2", "train.seed=3", "train.lr=0.05",
+              "output.snapshot_every=4it", "train.ticket_window=2", "train.ticket_every=8it", "train.seed=3", "train.lr=0.05",
               "prune.ratios=[0.5]", "retrain.duration=8it", "retrain.lr=0.02"]
 TOOLS = str(Path(PY).parent / "loft-tools")
 
@@ -33,7 +33,7 @@ def _offline(rf, criterion: str, threshold: float, window: int = 2):
     idx = np.array(rf.snap_index)
     bpe = rf.progress["batches_per_epoch"]
     return detect(idx[:, 0], idx[:, 0] / bpe, {g: np.stack(rf.snap_scores[g]["l2"]) for g in t},
-                  criterion=criterion, window=window, threshold=threshold, ratio=0.5)
+                  criterion=criterion, window=window, threshold=threshold, ratio=0.5, every=8)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,9 @@ def test_online_detection_equals_the_offline_one(full):
     groups = make_model(cfg, build_datasets(cfg.data)).filter_groups()
     assert json.loads(rf.ticket["groups"]) == detection_groups(groups) == [g.name for g in groups if g.partitioned]
     assert len(rf.snap_index) == 13 and rf.ticket["stopped_early"] == 0 and rf.ticket["window"] == 2
+    assert rf.ticket["every"] == 8  # every other snapshot is used: the odd ones have no distance
+    for c in rf.ticket["criteria"].values():
+        assert np.isnan(c["distance"][1::2]).all() and not np.isnan(c["distance"][4::2]).any()
     for name, eps in (("filter_distance", cfg.train.ticket_threshold), ("early_bird", cfg.train.ticket_eb_threshold)):
         off = _offline(rf, name, eps)
         on = rf.ticket["criteria"][name]
@@ -108,7 +111,7 @@ def test_a_window_longer_than_the_run_is_refused_before_training(tmp_path):
                     f"output.dir={tmp_path / 'o'}"], timeout=120)
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "train.stop_at_ticket: pretraining takes 13 filter-score snapshot(s)" in lines[0], lines
+    assert len(lines) == 1 and "train.stop_at_ticket: the detection sees 7 filter-score snapshot(s)" in lines[0], lines
     assert "train.ticket_window=13" in lines[0]
 
 

@@ -36,7 +36,8 @@ WINDOW = 2  # train.ticket_window of the run: detect must take it from the file'
 # every 8 steps (2), full weights at step 8; light evaluations (few BN recalibration batches)
 JOB = TINY + ["train.method=loft", "train.local_steps=2", "train.duration=16it", "output.snapshot_every=2it",
               "train.eval_every=8it", "output.checkpoint_every=16it", "output.snapshot_weights=[8it]",
-              f"train.ticket_window={WINDOW}", "train.seed=3", "train.bn_recalibration=2",
+              f"train.ticket_window={WINDOW}", "train.ticket_every=0it",  # every snapshot (cadence: test_pure_ticket_detection)
+              "train.seed=3", "train.bn_recalibration=2",
               "train.train_eval_samples=64"]
 SNAPSHOTS = 9
 

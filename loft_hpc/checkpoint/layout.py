@@ -54,7 +54,8 @@
                               = not detected), criterion (the deciding one, train.ticket_criterion), window,
                               threshold, stopped_early (1 when train.stop_at_ticket ended pretraining there),
                               score ("l2"), groups (JSON list of the filter groups compared), ratio
-                              (early_bird's pruning ratio)
+                              (early_bird's pruning ratio), every (train.ticket_every in steps: the
+                              cadence; snapshots between are skipped, NaN distance)
 /ticket/<criterion>/distance  float64 (T,) per criterion (filter_distance, early_bird): the window
                               distance at each snapshot of /snapshots/index (the largest distance between
                               that snapshot and each of the previous ``window``; NaN for the first ones);

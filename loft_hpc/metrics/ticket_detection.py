@@ -21,6 +21,13 @@ those comparisons (NaN while fewer than W earlier snapshots exist).
   scale |gamma| with one global threshold, this package by the filters' weight norms per group,
   the masks its prune stage draws.
 
+Cadence (``every``, steps): the criteria compare snapshots at least about that far apart, as
+Early-Bird checks once per epoch: a snapshot is *used* when it is the first at or after the next
+multiple of ``every`` (step 0 always); the others get a NaN window distance and are skipped.
+Snapshots taken much closer together (``output.snapshot_every=5it`` for a heatmap) barely differ
+early in training, while the weights have hardly left theta_0, and would declare a ticket at
+once.
+
 The detector is a pure function of the sequence of snapshots: fed one snapshot at a time during
 pretraining (on every rank, which all hold the same weights at a round boundary, so no
 communication is needed) it gives exactly what :func:`detect` gives on the stored history
@@ -92,14 +99,16 @@ class TicketDetector:
     ``scores`` of a snapshot: {group name: (C,) scores} of the groups that are pruned (the same
     groups, in any order, at every snapshot)."""
 
-    def __init__(self, criterion: str, window: int, threshold: float, ratio: float = 0.5) -> None:
+    def __init__(self, criterion: str, window: int, threshold: float, ratio: float = 0.5, every: int = 0) -> None:
         if criterion not in CRITERIA:
             raise ValueError(f"ticket criterion {criterion!r} is not one of {', '.join(CRITERIA)}")
         if window < 1:
             raise ValueError(f"ticket window must be >= 1, got {window}")
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"early-bird ratio must be in (0, 1), got {ratio}")
-        self.ratio = ratio
+        if every < 0:
+            raise ValueError(f"ticket detection cadence must be >= 0 steps, got {every}")
+        self.ratio, self.every, self._next = ratio, int(every), 0
         self.detection = Detection(criterion, int(window), float(threshold))
         self._fifo: deque = deque(maxlen=int(window))
 
@@ -120,6 +129,13 @@ class TicketDetector:
         if not scores:
             raise ValueError("ticket detection needs the scores of at least one filter group")
         d = self.detection
+        if step < self._next:  # closer than ``every`` to the last snapshot used: skipped
+            d.steps.append(int(step))
+            d.epochs.append(float(epoch))
+            d.distance.append(math.nan)
+            return False
+        if self.every > 0:
+            self._next = (step // self.every + 1) * self.every
         item = self._item(scores)
         dist = math.nan
         if len(self._fifo) == d.window:
@@ -136,10 +152,10 @@ class TicketDetector:
 
 
 def detect(steps, epochs, histories: dict[str, np.ndarray], *, criterion: str, window: int, threshold: float,
-           ratio: float = 0.5) -> Detection:
+           ratio: float = 0.5, every: int = 0) -> Detection:
     """The detection on a whole stored history: ``histories`` = {group: (T, C) scores}, row t
-    taken at ``steps[t]`` / ``epochs[t]``."""
-    det = TicketDetector(criterion, window, threshold, ratio)
+    taken at ``steps[t]`` / ``epochs[t]``; ``every``: the cadence in steps (module notes)."""
+    det = TicketDetector(criterion, window, threshold, ratio, every)
     t = len(steps)
     for name, h in histories.items():
         if np.asarray(h).shape[0] != t:

@@ -29,6 +29,7 @@ import math
 
 import numpy as np
 
+from loft_hpc.config.steps import Step
 from loft_hpc.metrics.ticket_detection import CRITERIA, detect, detection_groups
 from loft_hpc.tools.reading import (ToolError, build_model, config_default, config_value, history, load_run,
                                     output_path, pyplot, run_label, save_figure, snapshot_axis,
@@ -36,7 +37,7 @@ from loft_hpc.tools.reading import (ToolError, build_model, config_default, conf
 
 # option -> config key of the file (train section)
 PARAMS = {"window": "train.ticket_window", "threshold": "train.ticket_threshold",
-          "eb_threshold": "train.ticket_eb_threshold", "ratio": "train.ticket_ratio"}
+          "eb_threshold": "train.ticket_eb_threshold", "ratio": "train.ticket_ratio", "every": "train.ticket_every"}
 WHAT = {"filter_distance": "the largest normalised filter distance over the groups",
         "early_bird": "the fraction of filters whose mask at ratio {ratio:g} differs"}
 COLORS = {"filter_distance": "tab:blue", "early_bird": "tab:orange"}
@@ -52,6 +53,9 @@ def add_arguments(ap) -> None:
                     help="early_bird: every mask distance at most E (default: train.ticket_eb_threshold)")
     ap.add_argument("--ratio", type=float, metavar="P",
                     help="early_bird: pruning ratio of the compared masks (default: train.ticket_ratio)")
+    ap.add_argument("--every", metavar="STEP",
+                    help="cadence: compare snapshots about this far apart, e.g. 1ep or 20it; 0it = every snapshot "
+                         "(default: train.ticket_every)")
     ap.add_argument("--csv", metavar="OUT", help="also write the table as CSV (step, epoch, one column per criterion)")
     ap.add_argument("--plot", metavar="OUT.png", help="also draw the window distances against the epoch")
     ap.add_argument("--dpi", type=int, default=130, help="resolution of --plot (default 130)")
@@ -75,6 +79,14 @@ def parameters(rf, a) -> dict[str, tuple[float, str]]:
             out[k] = (float(out[k][0]), out[k][1])
     except (TypeError, ValueError):
         raise ToolError(f"{a.run}: ticket detection parameters in its config are not numbers ({w!r})") from None
+    try:
+        every = Step.parse(out["every"][0])
+    except ValueError:
+        raise ToolError(f"every {out['every'][0]!r} ({out['every'][1]}): not a step like '1ep' or '20it'") from None
+    bpe = int(rf.progress.get("batches_per_epoch") or 0)
+    if every.unit == "ep" and every.value and not bpe:
+        raise ToolError(f"{a.run}: /progress has no batches_per_epoch to convert every={every}")
+    out["every"] = (every.iterations(bpe), out["every"][1])
     if out["window"][0] < 1:
         raise ToolError(f"window {out['window'][0]} ({out['window'][1]}): must be >= 1")
     for k in ("threshold", "eb_threshold"):
@@ -115,7 +127,7 @@ def run_detection(rf, groups: list[str], params: dict) -> dict:
     hist = {g: history(rf, g, "l2") for g in groups}
     thresholds = {"filter_distance": params["threshold"][0], "early_bird": params["eb_threshold"][0]}
     return {c: detect(ax["step"], ax["epoch"], hist, criterion=c, window=params["window"][0],
-                      threshold=thresholds[c], ratio=params["ratio"][0]) for c in CRITERIA}
+                      threshold=thresholds[c], ratio=params["ratio"][0], every=params["every"][0]) for c in CRITERIA}
 
 
 # ------------------------------------------------------------------------------------ output
@@ -212,7 +224,9 @@ def detection_figure(rf, dets: dict, title: str, ratio: float):
     for ax, c in zip(axes, CRITERIA):
         d = dets[c]
         x, y = np.asarray(d.epochs), np.asarray(d.distance, dtype=np.float64)
-        ax.plot(x, y, "-o", ms=3.5, lw=1.6, color=COLORS[c], label=f"{c} window distance")
+        nan = np.isnan(y)
+        # snapshots skipped by the cadence (train.ticket_every) have no distance: join the used ones
+        ax.plot(x[~nan], y[~nan], "-o", ms=3.5, lw=1.6, color=COLORS[c], label=f"{c} window distance")
         op = "<=" if c == "early_bird" else "<"
         ax.axhline(d.threshold, color=COLORS[c], ls="--", lw=1.1, label=f"threshold ({op} {d.threshold:g})")
         for other in CRITERIA:
@@ -220,10 +234,9 @@ def detection_figure(rf, dets: dict, title: str, ratio: float):
             if o.emerged:
                 ax.axvline(o.emerged_epoch, color=COLORS[other], ls="-" if other == c else ":", lw=1.4, alpha=0.85,
                            label=f"{other}: ticket at epoch {o.emerged_epoch:.2f} (step {o.emerged_step})")
-        nan = np.isnan(y)
-        if nan.any() and len(x) > 1:  # the first W snapshots: nothing to compare with yet
-            ax.axvspan(x[0], x[int(np.flatnonzero(nan)[-1])], color="0.85", alpha=0.6, lw=0,
-                       label=f"fewer than W = {d.window} earlier snapshots")
+        if nan.any() and len(x) > 1:  # before the first full window: nothing to compare with yet
+            end = x[int(np.flatnonzero(~nan)[0])] if (~nan).any() else x[-1]
+            ax.axvspan(x[0], end, color="0.85", alpha=0.6, lw=0, label=f"fewer than W = {d.window} earlier snapshots")
         if not d.emerged:
             ax.text(0.01, 0.97, f"{c}: not detected", transform=ax.transAxes, ha="left", va="top", fontsize=9,
                     color=COLORS[c])
@@ -259,7 +272,8 @@ def run(a) -> int:
     print(f"groups ({len(groups)}, l2 scores; {src}): {', '.join(groups)}")
     print(f"window {params['window'][0]} ({params['window'][1]}); filter_distance threshold "
           f"{params['threshold'][0]:g} ({params['threshold'][1]}); early_bird threshold {params['eb_threshold'][0]:g} "
-          f"({params['eb_threshold'][1]}), ratio {params['ratio'][0]:g} ({params['ratio'][1]})")
+          f"({params['eb_threshold'][1]}), ratio {params['ratio'][0]:g} ({params['ratio'][1]}); every "
+          f"{params['every'][0]} steps ({params['every'][1]})")
     print("window distance: the largest distance between a snapshot and each of the previous W (nan: fewer before it)")
     for line in table_lines(dets):
         print(line)

@@ -8,7 +8,7 @@ mask was drawn from. The point where ``pretrain.h5``'s ticket detection declared
 (``/ticket``) is marked. ``--plot`` draws accuracy against the snapshot's epoch, one line per
 pruning ratio, the unpruned model's accuracy as a dashed line and the detections as vertical
 lines; ``--csv`` writes the table. Control branches (files whose ``/masks`` say ``control``) are
-listed, not plotted.
+listed and drawn dashed (random_prune) and dotted (random_reinit) beside their ticket.
 """
 from __future__ import annotations
 
@@ -106,10 +106,14 @@ def plot(facts: dict, rows: list[dict], out: Path, metric: str, title: str) -> N
 
     key = f"{metric}_test_acc"
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    tickets = [r for r in rows if not r["control"]]
-    for ratio in sorted({r["ratio"] for r in tickets}):
-        pts = sorted((r["epoch"], r[key]) for r in tickets if r["ratio"] == ratio)
-        ax.plot([e for e, _ in pts], [a for _, a in pts], marker="o", label=f"ticket pruned {ratio:.0%}")
+    styles = {"": ("-", "o", "ticket"), "random_prune": ("--", "s", "control random_prune"),
+              "random_reinit": (":", "^", "control random_reinit")}
+    for ci, ratio in enumerate(sorted({r["ratio"] for r in rows})):
+        for control, (ls, marker, name) in styles.items():
+            pts = sorted((r["epoch"], r[key]) for r in rows if r["ratio"] == ratio and r["control"] == control)
+            if pts:
+                ax.plot([e for e, _ in pts], [a for _, a in pts], ls=ls, marker=marker, color=f"C{ci}",
+                        label=f"{name}, pruned {ratio:.0%}")
     if not math.isnan(facts["unpruned_acc"]):
         ax.axhline(facts["unpruned_acc"], color="gray", ls="--", lw=1, label="unpruned (end of pretraining)")
     styles = {"filter_distance": "-", "early_bird": ":"}
@@ -123,7 +127,7 @@ def plot(facts: dict, rows: list[dict], out: Path, metric: str, title: str) -> N
     ax.set_ylabel(f"test accuracy after retraining ({metric}, fraction)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7.5, loc="best")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

@@ -104,8 +104,9 @@ class RoundTrainer:
             return
         t = self.cfg.train
         self.detect_groups = detection_groups(self.groups)
+        every = t.ticket_every.iterations(self.bpe)
         self.detectors = {c: TicketDetector(c, t.ticket_window, t.ticket_eb_threshold if c == "early_bird"
-                                            else t.ticket_threshold, t.ticket_ratio) for c in CRITERIA}
+                                            else t.ticket_threshold, t.ticket_ratio, every) for c in CRITERIA}
 
     def _detect(self, step: int, scores: dict, quiet: bool = False) -> bool:
         """Feed one snapshot's l2 scores to the detectors; True when the deciding criterion
@@ -146,7 +147,8 @@ class RoundTrainer:
                 for c, d in self.detectors.items()}
         return {"emerged_step": main.emerged_step, "emerged_epoch": main.emerged_epoch, "criterion": main.criterion,
                 "window": main.window, "threshold": main.threshold, "stopped_early": int(self.stopped_early),
-                "score": "l2", "groups": json.dumps(self.detect_groups), "ratio": t.ticket_ratio, "criteria": crit}
+                "score": "l2", "groups": json.dumps(self.detect_groups), "ratio": t.ticket_ratio,
+                "every": t.ticket_every.iterations(self.bpe), "criteria": crit}
 
     def lr(self, step: int) -> float:
         return self._lr_fn(step, self.total, self.bpe)
