@@ -21,7 +21,8 @@
 # Make the array range match the list, after the pretraining job:
 #   LOFT_SNAPSHOTS="1ep 2ep 5ep" LOFT_OUT=... sbatch --array=0-2 \
 #       --dependency=afterok:<pretrain job> slurm/retrain_snapshots_array.sh
-# (slurm/chain.sh does this when LOFT_SNAPSHOTS is set.)
+# (slurm/chain.sh does this when LOFT_SNAPSHOTS is set.)  When every task is done,
+# `loft-tools tickets $LOFT_OUT --plot tickets.png` compares them with the end's ticket.
 set -uo pipefail
 # SLURM runs a copy of this script from its spool folder: find the repository (LOFT_REPO, the
 # submitted script's path, the submit folder, or next to this file) and its slurm/common.sh.
