@@ -216,7 +216,7 @@ def _stages(cfg, dist, stages, bundle, paths, stop) -> int:
                 log("stop requested: the finished stages are written; exiting for requeue before the snapshot tickets",
                     rank=dist.rank)
                 return EXIT_REQUEUE
-            if not run_snapshot_tickets(ctx, bundle):
+            if not run_snapshot_tickets(ctx, bundle, end_summary="retrain" not in stages):
                 return EXIT_REQUEUE
         return 0
     except StopForRequeue:

@@ -55,13 +55,16 @@ def check_schedule_points(cfg: JobConfig, n_train: int, world: int, stages: list
                           " (the end of pretraining is pretrain.h5 itself)")
         if t.stop_at_ticket:
             total = t.duration.iterations(pre_bpe)
-            every = max(cfg.output.snapshot_every.iterations(pre_bpe), t.ticket_every.iterations(pre_bpe))
-            snaps = 1 + (total // every if every > 0 else 0)
-            if snaps < t.ticket_window + 1:
+            snap_every = cfg.output.snapshot_every.iterations(pre_bpe)
+            every = max(snap_every, t.ticket_every.iterations(pre_bpe))
+            # step 0, every `every` steps, the end (0: snapshots at step 0 and at the end only)
+            snaps = 1 + (total // every if every > 0 and snap_every > 0 else 1)
+            if snaps < t.ticket_window + 2:
                 raise ConfigError(f"train.stop_at_ticket: the detection sees {snaps} filter-score snapshot(s) in "
                                   f"pretraining (step 0 and every output.snapshot_every={cfg.output.snapshot_every}, "
                                   f"train.ticket_every={t.ticket_every}) and compares each with the previous "
-                                  f"train.ticket_window={t.ticket_window}: lower the window or train.ticket_every")
+                                  f"train.ticket_window={t.ticket_window}: it could only fire at the end; lower the "
+                                  f"window or train.ticket_every")
     if "pretrain" in stages or "prune" in stages:
         for key, value in (("prune.rewind", rewind_point(p)), ("prune.mask_from", p.mask_from)):
             if value not in ("init", "end") and Step.parse(value).iterations(pre_bpe) == 0:
@@ -77,6 +80,7 @@ def check_schedule_points(cfg: JobConfig, n_train: int, world: int, stages: list
 
 def validate_job(cfg: JobConfig, world: int, stages: list[str]):
     """Returns the data bundle (loaded once here, reused by the stages)."""
+    asked = "prune" if "prune" in stages else "snapshots"  # the stage named in messages about inputs
     if "snapshots" in stages:  # it prunes and retrains: every check of those stages applies
         stages = list(stages) + [s for s in ("prune", "retrain") if s not in stages]
     if "pretrain" in stages and cfg.train.workers and cfg.train.workers != world:
@@ -125,12 +129,12 @@ def validate_job(cfg: JobConfig, world: int, stages: list[str]):
                           "(use prune.groups=all or model.partition_rule=all)")
     paths = RunPaths(cfg.output.dir)
     if "pretrain" not in stages and "prune" in stages and not paths.pretrain.is_file():
-        raise ConfigError(f"--stage prune: {paths.pretrain} does not exist (run --stage pretrain with output.dir={cfg.output.dir} first)")
+        raise ConfigError(f"--stage {asked}: {paths.pretrain} does not exist (run --stage pretrain with output.dir={cfg.output.dir} first)")
     if "pretrain" not in stages and "prune" in stages:
         try:
             labels = weight_snapshot_labels(paths.pretrain)
         except CheckpointError as e:
-            raise ConfigError(f"--stage prune: {e}") from None
+            raise ConfigError(f"--stage {asked}: {e}") from None
         for key, value in (("prune.mask_from", cfg.prune.mask_from), ("prune.rewind", rewind_point(cfg.prune))):
             if value not in ("init", "end") and str(Step.parse(value)) not in labels:
                 raise ConfigError(f"{key}={value}: {paths.pretrain} holds no weight snapshot requested at {value} "

@@ -82,8 +82,12 @@ def test_stop_at_ticket_stops_where_the_full_run_detects_and_the_chain_continues
     eps, k = _middle_threshold(rf_full)
     stop_step = rf_full.snap_index[k][0]
     out = tmp_path / "stop"
-    p = ok(run_job(2, ["--stage", "all", *PRE, "train.stop_at_ticket=true", f"train.ticket_threshold={eps!r}",
-                       f"output.dir={out}"]))
+    # with the snapshot tickets: 4it is before the stop, 47it (taken at 48) after it: skipped
+    p = ok(run_job(2, ["--stage", "all,snapshots", *PRE, "train.stop_at_ticket=true", f"train.ticket_threshold={eps!r}",
+                       "output.snapshot_weights=[4it,47it]", f"output.dir={out}"]))
+    assert f"holds no weight snapshot at 47it; pretraining stopped early at step {stop_step}" in p.stdout
+    assert read_run_file(out / "retrain@4it_p50.h5").complete and not (out / "tickets@47it_p50.h5").exists()
+    assert p.stdout.count("\nsummary: ") == 2  # summary.txt once (not again by the snapshots stage), summary@4it.txt
     rf = read_run_file(out / "pretrain.h5")
     t = rf.ticket
     assert (t["stopped_early"], t["emerged_step"], t["criterion"]) == (1, stop_step, "filter_distance")
@@ -101,7 +105,7 @@ def test_stop_at_ticket_stops_where_the_full_run_detects_and_the_chain_continues
     assert retrained.complete and retrained.progress["step"] == 8
     # running the job again skips everything (the stopped file is the finished pretraining)
     again = ok(run_job(2, ["--stage", "all", *PRE, "train.stop_at_ticket=true", f"train.ticket_threshold={eps!r}",
-                           f"output.dir={out}"]))
+                           "output.snapshot_weights=[4it,47it]", f"output.dir={out}"]))
     for f in ("pretrain.h5", "tickets_p50.h5", "retrain_p50.h5"):
         assert f"{out / f} exists, skipping" in again.stdout, f
 
@@ -118,8 +122,12 @@ def test_a_window_longer_than_the_run_is_refused_before_training(tmp_path):
 def test_snapshot_tickets_stage_and_the_collector(full, tmp_path):
     out = tmp_path / "snaps"
     shutil.copytree(full, out, ignore=shutil.ignore_patterns("ckpt"))
+    # retraining runs past the snapshot steps: only pretraining may write snapshots/weights@<N>it.h5
     ok(run_job(2, ["--stage", "snapshots", *PRE, "output.snapshot_weights=[12it,24it]", "prune.rewind=mask_from",
-                   f"output.dir={out}"]))
+                   "retrain.duration=24it", f"output.dir={out}"]))
+    snaps = sorted(p.name for p in (out / "snapshots").iterdir())
+    assert snaps == ["weights@12it.h5", "weights@24it.h5"]
+    assert {read_run_file(out / "snapshots" / n).stage for n in snaps} == {"pretrain-snapshot"}
     names = sorted(p.name for p in out.glob("retrain*.h5"))
     assert names == ["retrain@12it_p50.h5", "retrain@24it_p50.h5", "retrain_p50.h5"]
     pre = read_run_file(out / "pretrain.h5")
@@ -131,7 +139,7 @@ def test_snapshot_tickets_stage_and_the_collector(full, tmp_path):
             m = tk.masks.get(n)
             expect = snap.model[n] if m is None else snap.model[n] * m.to(snap.model[n].dtype)
             assert np.array_equal(w.numpy(), expect.numpy()), n
-        assert (out / f"summary@{label}.txt").is_file()
+        assert (out / f"summary@{label}.txt").read_text().startswith(f"tickets found at pretraining snapshot {label};")
     csv_path, png = tmp_path / "t.csv", tmp_path / "t.png"
     p = subprocess.run([TOOLS, "tickets", str(out), "--csv", str(csv_path), "--plot", str(png)], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)

@@ -5,4 +5,5 @@ import sys
 
 from loft_hpc.tools.cli import main
 
-sys.exit(main(prog_name="tickets"))
+if __name__ == "__main__":
+    sys.exit(main(prog_name="tickets"))

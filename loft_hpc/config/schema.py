@@ -134,7 +134,7 @@ class OutputConfig:
     dir: str = opt("runs/default", "output folder: checkpoints, logs, summary (relative to the current directory)")
     checkpoint_every: Step = opt(Step(1, "ep"), "write a checkpoint every this many steps (LoFT: rounded up to a whole round); also at the end")
     snapshot_every: Step = opt(Step(1, "ep"), "append filter-score snapshots every this many steps (LoFT: rounded up to a whole round)")
-    snapshot_weights: list = opt([], "steps at which full weights are stored as snapshots too, e.g. ['500it', '5ep']")
+    snapshot_weights: list = opt([], "steps of pretraining at which its full weights are stored as snapshots too (snapshots/weights@<N>it.h5; for prune.mask_from, prune.rewind, --stage snapshots), e.g. ['500it', '5ep']")
     keep_checkpoints: int = opt(2, "checkpoint files kept per stage (the newest ones)", check=POS)
     resume: bool = opt(True, "continue from the latest checkpoint in the output folder when there is one")
     on_mismatch: str = opt("refuse", "a checkpoint or stage file made by another config or from other inputs: refuse (one line naming what differs, exit 2), restart (checkpoints only: start the stage over; existing stage files are still refused) or keep (use it anyway, with a warning)", choices=("refuse", "restart", "keep"))

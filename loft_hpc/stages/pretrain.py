@@ -27,8 +27,9 @@ def run_pretrain(ctx: Context, bundle) -> None:
         trainer = DenseTrainer(ctx, model, groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                nesterov=t.nesterov, lr_fn=lr_function(t, ctx.dist.size), **kw)
         log(f"pretrain: dense data parallel on {ctx.dist.size} rank(s)", rank=ctx.dist.rank)
-    # weights the pruning stage will need later: the rewind point and the snapshot tickets
-    for s in [rewind_point(cfg.prune), cfg.prune.mask_from]:
+    # weights the pruning stage will need later: output.snapshot_weights (the snapshot tickets),
+    # the rewind point and mask_from (pretraining only: snapshots/weights@<N>it.h5 are its files)
+    for s in [*cfg.output.snapshot_weights, rewind_point(cfg.prune), cfg.prune.mask_from]:
         if s not in ("init", "end"):
             trainer.request_weight_snapshot(s)
     log(f"pretrain: {trainer.total} steps of {trainer.bpe} batches/epoch, {bundle.name}: "

@@ -29,14 +29,22 @@ def at_point(cfg: JobConfig, point: str) -> JobConfig:
     return dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, mask_from=point))
 
 
-def run_snapshot_tickets(ctx: Context, bundle) -> bool:
+def run_snapshot_tickets(ctx: Context, bundle, end_summary: bool = True) -> bool:
     """Prune and retrain at every point. False when a stop was requested between two points
-    (the finished points are written; the job exits for requeue)."""
+    (the finished points are written; the job exits for requeue). A point whose weight snapshot
+    pretraining never took (it stopped early at the ticket, train.stop_at_ticket) is skipped with a
+    line. ``end_summary``: write the end's summary (False when this job's retrain stage just did)."""
+    from loft_hpc.checkpoint.h5file import stopped_early_hint, weight_snapshot_labels
     from loft_hpc.stages.retrain import run_retrain
     from loft_hpc.stages.summary import finish_summary
     from loft_hpc.stages.ticket import run_prune
 
-    points = snapshot_points(ctx.cfg)
+    labels = weight_snapshot_labels(ctx.paths.pretrain)  # every rank reads the same file: same verdict
+    points = [p for p in snapshot_points(ctx.cfg) if p == "end" or p in labels]
+    for p in snapshot_points(ctx.cfg):
+        if p not in points:
+            log(f"snapshots: {ctx.paths.pretrain.name} holds no weight snapshot at {p}"
+                f"{stopped_early_hint(ctx.paths.pretrain)}: skipped", rank=ctx.dist.rank)
     for i, point in enumerate(points):
         if i and ctx.dist.any_flag(ctx.stop.received is not None):  # collective: every rank, between points
             log("stop requested: the finished snapshot tickets are written; exiting for requeue", rank=ctx.dist.rank)
@@ -46,6 +54,6 @@ def run_snapshot_tickets(ctx: Context, bundle) -> bool:
         sub = dataclasses.replace(ctx, cfg=at_point(ctx.cfg, point))
         run_prune(sub, bundle)
         run_retrain(sub, bundle)
-        if ctx.dist.is_root:
+        if ctx.dist.is_root and (point != "end" or end_summary):
             finish_summary(ctx.paths, ctx.cfg.prune.ratios, point, ctx.cfg.retrain.controls)
     return True

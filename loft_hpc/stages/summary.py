@@ -70,6 +70,8 @@ def summary_table(paths: RunPaths, ratios: list[float], mask_from: str = "end", 
     control of ``controls`` (``(not retrained)`` for a missing file), then the ticket-detection line."""
     lines = []
     pre = read_run_file(paths.pretrain) if paths.pretrain.is_file() else None
+    if mask_from != "end":  # a snapshot's tickets: say which (the pretrained row is still the end's model)
+        lines.append(f"tickets found at pretraining snapshot {mask_from}; 'pretrained' is the model at the end of pretraining")
     head = f"{'model':<28} {'test acc':>9} {'pruned':>8} {'bytes exchanged (all ranks)':>28}"
     lines += [head, "-" * len(head)]
     if pre is not None:

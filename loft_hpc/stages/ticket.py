@@ -41,7 +41,7 @@ def weights_at(ctx: Context, pre: RunFile, point: str, key: str) -> tuple[dict[s
         return pre.model, paths.pretrain, int(pre.progress.get("step", 0))
     if point == "init":
         if not pre.init:
-            raise CheckpointError(f"{paths.pretrain}: holds no /init weights for {key}=init")
+            raise CheckpointError(f"{paths.pretrain}: holds no /init weights for {key}=init", agreed=True)
         return pre.init, paths.pretrain, 0
     label = str(Step.parse(point))
     rel = pre.weight_snapshots.get(label)
@@ -49,7 +49,7 @@ def weights_at(ctx: Context, pre: RunFile, point: str, key: str) -> tuple[dict[s
         raise CheckpointError(f"{paths.pretrain}: no weight snapshot for {key}={point} (snapshots: "
                               f"{', '.join(sorted(pre.weight_snapshots)) or 'none'}; a snapshot is stored only when "
                               f"requested before pretraining, by prune.rewind, prune.mask_from or output.snapshot_weights)"
-                              f"{stopped_early_hint(paths.pretrain)}")
+                              f"{stopped_early_hint(paths.pretrain)}", agreed=True)  # every rank reads the same file
     p = paths.root / rel
     rf = read_run_file(p)
     return rf.model, p, int(rf.progress.get("step", -1))
@@ -77,7 +77,7 @@ def run_prune(ctx: Context, bundle) -> list[Path]:
     pre = load_weights(paths.pretrain, probe, cfg.model.arch)
     source, source_path, source_step = weights_at(ctx, pre, pr.mask_from, "prune.mask_from")
     rewind, rewind_path, rewind_step = weights_at(ctx, pre, rewind_point(pr), "prune.rewind")
-    for point, step in ((pr.mask_from, source_step), (rewind_point(pr), rewind_step)):
+    for point, step in dict.fromkeys([(pr.mask_from, source_step), (rewind_point(pr), rewind_step)]):
         if point not in ("init", "end") and Step.parse(point).iterations(int(pre.progress["batches_per_epoch"])) != step:
             log(f"prune: the snapshot requested at {point} was taken at step {step} (the first round boundary "
                 f"at or after it): its weights are used", rank=dist.rank)

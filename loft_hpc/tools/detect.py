@@ -181,11 +181,14 @@ def online_lines(rf, dets: dict, params: dict) -> tuple[list[str], bool]:
             extra = f"; window distances {'equal' if nan_same and dev <= 1e-9 else 'differ'} (max difference {dev:.2g})"
         elif dist.size:
             extra = f"; online distances for {dist.size} snapshots, {len(d.distance)} here"
+        online_every = int(tk.get("every", 0))  # files written before the cadence used every snapshot
         params_same = (int(on.get("window", -1)) == d.window
-                       and math.isclose(float(on.get("threshold", math.nan)), d.threshold, rel_tol=1e-9))
+                       and math.isclose(float(on.get("threshold", math.nan)), d.threshold, rel_tol=1e-9)
+                       and online_every == params["every"][0])
         if not params_same:
             other_params = True
-            extra += f" (online window {on.get('window', '?')}, threshold {_num(on.get('threshold', '?'))}: not the ones used here)"
+            extra += (f" (online window {on.get('window', '?')}, threshold {_num(on.get('threshold', '?'))}, every "
+                      f"{online_every} steps: not the ones used here)")
         lines.append(f"  {c:<16} online {on_text}, offline {off_text}: {'agree' if same else 'DIFFER'}{extra}")
         agree &= same
     if abs(float(tk.get("ratio", params["ratio"][0])) - params["ratio"][0]) > 1e-12:
@@ -236,7 +239,7 @@ def detection_figure(rf, dets: dict, title: str, ratio: float):
                            label=f"{other}: ticket at epoch {o.emerged_epoch:.2f} (step {o.emerged_step})")
         if nan.any() and len(x) > 1:  # before the first full window: nothing to compare with yet
             end = x[int(np.flatnonzero(~nan)[0])] if (~nan).any() else x[-1]
-            ax.axvspan(x[0], end, color="0.85", alpha=0.6, lw=0, label=f"fewer than W = {d.window} earlier snapshots")
+            ax.axvspan(x[0], end, color="0.85", alpha=0.6, lw=0, label=f"no full window of W = {d.window} compared snapshots yet")
         if not d.emerged:
             ax.text(0.01, 0.97, f"{c}: not detected", transform=ax.transAxes, ha="left", va="top", fontsize=9,
                     color=COLORS[c])

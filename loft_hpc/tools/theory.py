@@ -276,8 +276,12 @@ def plot(path: Path, rows: list[dict], fit, st: Setting) -> None:
                 ax.plot(grid, np.exp(icpt) * grid ** slope, "-", label=f"fit: slope {slope:.3f}")
                 ax.plot(grid, pts[0]["sq_distance_mean"] * (grid / ms[0]) ** -0.25, ":", color="gray",
                         label="$m^{-1/4}$ (Theorem 1's first term)")
-            ax.set_xscale("log")
+            ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+            ax.xaxis.set_major_locator(FixedLocator(ms))  # one label per width, no crowded minor labels
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "distance 0 at every width", ha="center", va="center", transform=ax.transAxes)

@@ -16,7 +16,7 @@ import csv
 import math
 from pathlib import Path
 
-from loft_hpc.tools.reading import ToolError, load_run
+from loft_hpc.tools.reading import ToolError, load_run, output_path, pyplot, save_figure
 
 COLUMNS = ["ratio", "mask_from", "mask_from_step", "epoch", "fraction", "rewind", "control", "retrained_steps",
            "final_test_acc", "best_test_acc", "file"]
@@ -26,6 +26,7 @@ def add_arguments(p) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder (output.dir) holding pretrain.h5 and retrain*.h5")
     p.add_argument("--csv", metavar="OUT.csv", help="write the table as CSV")
     p.add_argument("--plot", metavar="OUT.png", help="plot retrained accuracy against the snapshot's epoch")
+    p.add_argument("--dpi", type=int, default=100, help="resolution of --plot (default 100)")
     p.add_argument("--metric", choices=("final", "best"), default="final",
                    help="accuracy plotted: the last evaluation of retraining (default) or its best")
 
@@ -98,14 +99,10 @@ def table_text(facts: dict, rows: list[dict]) -> str:
     return "\n".join(lines + detection_lines(facts["ticket"], facts["bpe"], facts["total"]))
 
 
-def plot(facts: dict, rows: list[dict], out: Path, metric: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(facts: dict, rows: list[dict], out: str, metric: str, dpi: int, title: str) -> None:
+    plt = pyplot()
     key = f"{metric}_test_acc"
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     styles = {"": ("-", "o", "ticket"), "random_prune": ("--", "s", "control random_prune"),
               "random_reinit": (":", "^", "control random_reinit")}
     for ci, ratio in enumerate(sorted({r["ratio"] for r in rows})):
@@ -129,8 +126,7 @@ def plot(facts: dict, rows: list[dict], out: Path, metric: str, title: str) -> N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="best")
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    save_figure(fig, out, "--plot", dpi)
 
 
 def run(args) -> int:
@@ -139,7 +135,7 @@ def run(args) -> int:
     print(table_text(facts, rows))
     if args.csv:
         try:
-            with open(args.csv, "w", newline="") as f:
+            with open(output_path(args.csv, "--csv"), "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=COLUMNS)
                 w.writeheader()
                 w.writerows(rows)
@@ -147,10 +143,7 @@ def run(args) -> int:
             raise ToolError(f"{args.csv}: cannot write ({e.strerror or e})") from None
         print(f"csv: {args.csv}")
     if args.plot:
-        try:
-            plot(facts, rows, Path(args.plot), args.metric,
-                 f"{run_dir.resolve().name}: snapshot tickets retrained ({rows[0]['rewind'] or 'rewind ?'} rewind)")
-        except OSError as e:
-            raise ToolError(f"{args.plot}: cannot write ({e.strerror or e})") from None
+        plot(facts, rows, args.plot, args.metric, args.dpi,
+             f"{run_dir.resolve().name}: snapshot tickets retrained ({rows[0]['rewind'] or 'rewind ?'} rewind)")
         print(f"plot: {args.plot}")
     return 0

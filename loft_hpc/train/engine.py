@@ -241,7 +241,20 @@ class RoundTrainer:
         # Same decisions in the same order on every rank: they depend only on (prev, step).
         due = self.events.due(prev, self.step)
         last = self.step >= self.total
-        if due.snapshot and self._snapshot() and self.cfg.train.stop_at_ticket and not last:
+        fired = self._snapshot() if due.snapshot else False
+        # One collective per round agrees on the stop signal and, under train.stop_at_ticket, on
+        # the ticket verdict (bit 1: some rank received a signal; 2: some rank's detection fired
+        # here; 4: some rank's did not). Every rank holds the same weights at a round boundary, so
+        # the verdicts agree; if they ever did not, every rank stops (said in one line).
+        flags = 1 if self.ctx.stop.received is not None else 0
+        if self.cfg.train.stop_at_ticket and due.snapshot:
+            flags |= 2 if fired else 4
+        agreed = self.dist.agree_bits(flags)  # collective: every rank, every round
+        stop = bool(agreed & 1)
+        if agreed & 2 and not last:
+            if agreed & 4:
+                log(f"{self.ckpt_stage}: warning: the ranks' ticket detections disagree at step {self.step} "
+                    f"(their weights differ in the last bits): stopping on every rank", rank=self.dist.rank)
             # the ticket has emerged: this boundary ends pretraining (evaluated and saved as the last)
             log(f"{self.ckpt_stage}: stopping pretraining at step {self.step} of {self.total} "
                 f"(train.stop_at_ticket)", rank=self.dist.rank)
@@ -256,7 +269,6 @@ class RoundTrainer:
             loss, correct, count = self.run_stats.cpu().tolist()
             log(f"{self.ckpt_stage} step {self.step}/{self.total} round {self.round} rank-0 {self.step_loss_name} "
                 f"{loss / max(count, 1):.4f} acc {correct / max(count, 1):.4f} lr {self.lr(self.step - 1):.4g}")
-        stop = self.dist.any_flag(self.ctx.stop.received is not None)  # collective: every round
         # at the last step the final file follows at once: a periodic checkpoint there would only
         # make a resume that skips the last evaluation's assembled state (a stop still writes one)
         if (due.checkpoint and not last) or stop:

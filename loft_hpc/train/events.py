@@ -33,9 +33,10 @@ class EventPolicy:
         self.every = {"eval": t.eval_every.iterations(batches_per_epoch),
                       "ckpt": o.checkpoint_every.iterations(batches_per_epoch),
                       "snap": o.snapshot_every.iterations(batches_per_epoch), "log": t.log_every}
-        self.weight_steps: dict[int, set[str]] = {}  # requested step -> its labels ('500it', '2ep')
-        for s in o.snapshot_weights:
-            self.request_weight_snapshot(s)
+        # requested step -> its labels ('500it', '2ep'); only the stages that want weight snapshots
+        # ask (pretraining: output.snapshot_weights and the rewind / mask_from steps), never a
+        # retraining, whose own steps would name the same snapshot files
+        self.weight_steps: dict[int, set[str]] = {}
 
     def request_weight_snapshot(self, step) -> None:
         """Store the full weights at the first round boundary at or after ``step`` ('500it', '2ep')."""

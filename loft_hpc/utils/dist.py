@@ -39,6 +39,12 @@ class Dist:
 
         return bool(self.comm.allreduce(1 if flag else 0, op=MPI.MAX))
 
+    def agree_bits(self, bits: int) -> int:
+        """The bitwise OR of ``bits`` over every rank (several flags agreed in one collective)."""
+        from mpi4py import MPI
+
+        return int(self.comm.allreduce(int(bits), op=MPI.BOR))
+
     def abort(self, code: int = 1) -> None:
         """Stop every rank of the job now (used when a rank fails mid-round: never a hang)."""
         sys.stdout.flush()
