@@ -17,8 +17,9 @@ from loft_hpc.validate import batches_per_epoch, check_schedule_points
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-PAPER = [p for p in CONFIGS if p.name != "default.yaml"]
+PAPER = [p for p in CONFIGS if not p.name.startswith(("default", "digits_"))]  # the paper's settings
 DEFAULT = REPO / "configs" / "default.yaml"
+DIGITS_HARD = REPO / "configs" / "digits_hard.yaml"
 
 
 def _load(path: Path, overrides: list[str] = ()) -> JobConfig:
@@ -73,7 +74,7 @@ def test_every_config_loads(path):
             assert _same_value(got, value), f"{path.name}: {section}.{key} = {got!r}, the file says {value!r}"
     # the file names say what the config is
     stem = path.stem
-    if stem != "default":
+    if path in PAPER:  # <data>_<arch>_loft<S>
         data, arch, loft = stem.split("_")
         assert cfg.data.name == data
         assert cfg.model.arch == arch
@@ -634,6 +635,18 @@ def test_shipped_default_config_validates():
     cfg = load_config(DEFAULT)
     for world in (1, 4):  # the embedded digits: the whole-job check, data loaded
         validate_job(cfg, world, ALL_STAGES)
+
+
+def test_shipped_digits_hard_config_validates_with_snapshots_and_early_stop():
+    """The README's harder setting: tickets at 90% with both controls, a snapshot ticket per epoch
+    rewound to its snapshot, and an early stop the detection can reach before the end."""
+    from loft_hpc.validate import validate_job
+
+    cfg = load_config(DIGITS_HARD, ["train.stop_at_ticket=true"])
+    assert (cfg.prune.ratios, cfg.prune.rewind, cfg.retrain.controls) == ([0.9], "mask_from", ["random_reinit", "random_prune"])
+    assert [str(s) for s in cfg.output.snapshot_weights] == ["1ep", "2ep", "3ep", "4ep", "5ep"]
+    for world in (2, 4):
+        validate_job(cfg, world, ["pretrain", "prune", "retrain", "snapshots"])
 
 
 def test_bad_milestone_on_the_cli_exits_2_with_one_line(tmp_path):
