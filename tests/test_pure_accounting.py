@@ -100,3 +100,156 @@ def test_dense_counts_trainable_parameters():
 def test_gpipe_bytes(epochs, samples, boundaries, want):
     assert gpipe_bytes(epochs, samples, boundaries) == want
 
+
+
+# ------------------------------------------------------------------------------------------
+# Both conventions (fair: sent + received over all ranks, as /comm counts; paper: LOFT_SPEC 6a),
+# per sync, per step and per epoch, against hand counts on Tiny.
+#
+# Tiny with groups(): partitioned tensors (g1 and g2 are dealt; g3 is shared)
+#   conv1.weight 12, conv1.bias 4, bn1.weight 4, bn1.bias 4, bn1.running_mean 4, bn1.running_var 4,
+#   conv2.weight 24, fc.weight 120                        -> P = 176 (parameters 168, buffers 8)
+# shared floating tensors: fc.bias 5 (a parameter)        -> Sh = 5 (parameters 5)
+# trainable parameters N = 173; floating buffers N_buf = 8 (num_batches_tracked is an integer)
+#
+# Tiny with only g2 dealt (every partitioned tensor sliced on one dim: conv2.weight rows, fc.weight
+# columns in blocks of 4):
+#   P = 24 + 120 = 144 (all parameters); Sh = conv1 12 + 4, bn1 4 x 4, fc.bias 5 = 37 (parameters 29)
+from fractions import Fraction  # noqa: E402
+
+from loft_hpc.exchange.accounting import (  # noqa: E402
+    MethodBytes, ModelFloats, dense_eval_bytes, dense_fair_step, dense_paper_step, gpipe_fair_step,
+    gpipe_paper_step, gpipe_rank_step_bytes, loft_fair_sync, loft_fair_sync_bytes, loft_paper_sync, method_bytes,
+    model_floats, steps_per_epoch)
+
+
+def g2_only():
+    return [gr for gr in groups() if gr.name != "g1"]
+
+
+def test_model_floats_hand_count():
+    assert model_floats(Tiny(), groups()) == ModelFloats(partitioned=176, shared=5, partitioned_params=168,
+                                                         shared_params=5, params=173, buffers=8)
+    f = model_floats(Tiny(), g2_only())
+    assert f == ModelFloats(partitioned=144, shared=37, partitioned_params=144, shared_params=29, params=173, buffers=8)
+    assert f.loft_floats(False) == (144, 37)
+    assert f.loft_floats(True) == (144 + 144, 37 + 29)
+
+
+def test_model_floats_of_the_paper_model():
+    # PreResNet-34 at width 64, inner width 2x (CIFAR, 10 classes): the partitioned blocks are the
+    # non-first blocks of stages 2-4 (3, 5 and 2 blocks); one block of stream width c holds
+    # conv1 2c x c x 3 x 3 + bn2 4 x 2c (weight, bias, running mean, running var) + conv2 c x 2c x 3 x 3
+    # = 36 c^2 + 8 c floats, of which 8 c - 4 c = 4 c are BN statistics
+    import torch
+
+    from loft_hpc.models.preresnet import preresnet34
+
+    with torch.device("meta"):
+        m = preresnet34(in_channels=3, num_classes=10, width=64, inner_width_factor=2, stem="cifar")
+    blocks = {128: 3, 256: 5, 512: 2}
+    p = sum(n * (36 * c * c + 8 * c) for c, n in blocks.items())
+    stats = sum(n * 4 * c for c, n in blocks.items())
+    f = model_floats(m, m.filter_groups())
+    assert (f.partitioned, f.partitioned_params) == (p, p - stats) == (32_461_824, 32_451_072)  # LOFT_SPEC 6a: 32.46M
+    assert f.shared == 9_935_050  # LOFT_SPEC 6a: 9.94M
+
+
+def test_loft_fair_sync_equals_the_sum_of_the_ranks_comm_columns():
+    m = Tiny()
+    # one-dim slicing: 4 S (P' + 2 Sh'), the closed form, equals the ranks' columns summed
+    # S = 2, reset: each rank sends its shard 72 and receives the other 72, sends and receives 37
+    #   -> 2 x 4 x (72 + 72 + 37 + 37) = 1744 = 4 x 2 x (144 + 2 x 37)
+    assert loft_fair_sync(144, 37, 2) == 1744 == loft_fair_sync_bytes(m, g2_only(), 2, False)
+    # carry: P' = 288, Sh' = 66 -> 4 x 2 x (288 + 132) = 3360
+    assert loft_fair_sync(288, 66, 2) == 3360 == loft_fair_sync_bytes(m, g2_only(), 2, True)
+    # S = 3: g2's 6 filters, 2 each: shard = conv2 2 x 4 + fc 5 x 8 = 48, all shards 144
+    #   -> 3 x 4 x (48 + 96 + 37 + 37) = 2616 = 4 x 3 x (144 + 74)
+    assert loft_fair_sync(144, 37, 3) == 2616 == loft_fair_sync_bytes(m, g2_only(), 3, False)
+    # two-dim slicing (conv2.weight between g1 and g2): the shards cover only the diagonal blocks,
+    # so the closed form over-counts; the exact count is the ranks' columns: 2 x 4 x (82 + 82 + 5 + 5)
+    assert loft_fair_sync_bytes(m, groups(), 2, False) == 1392 < loft_fair_sync(176, 5, 2) == 1488
+    for s in (0, 1):
+        assert loft_fair_sync(144, 37, s) == 0
+    assert loft_fair_sync_bytes(m, g2_only(), 1, True) == 0
+
+
+def test_paper_convention_per_sync():
+    # LoFT: a server hands each of S workers P/S + Sh: P + S Sh floats, one direction
+    assert loft_paper_sync(144, 37, 2) == 4 * (144 + 2 * 37) == 872
+    assert loft_paper_sync(144, 37, 4) == 4 * (144 + 4 * 37) == 1168
+    assert loft_paper_sync(144, 37, 1) == 0
+    # dense: each worker handed the N averaged gradients
+    assert dense_paper_step(173, 2) == 4 * 2 * 173 == 1384
+    assert dense_paper_step(173, 1) == 0
+
+
+def test_dense_fair_and_evaluation():
+    # every rank sends and receives N: 2 ranks x 2 x 4 x 173
+    assert dense_fair_step(173, 2) == 2768 == 2 * sum(dense_step_bytes(Tiny()).values())
+    assert dense_fair_step(173, 4) == 5536
+    assert dense_fair_step(173, 1) == 0
+    # an evaluation averages the 8 BN statistics: 2 ranks x 2 x 4 x 8
+    assert dense_eval_bytes(8, 2) == 128 and dense_eval_bytes(8, 1) == 0
+
+
+def test_gpipe_per_rank_fair_and_paper():
+    # 3 stages, boundaries of 5 and 7 floats per sample, batch 3:
+    # stage 0 sends 3 x 5 activations, receives 3 x 5 gradients            -> 60 each way
+    # stage 1 receives 3 x 5 activations + 3 x 7 gradients, sends the same  -> 144 each way
+    # stage 2 receives 3 x 7 activations, sends 3 x 7 gradients             -> 84 each way
+    per = [gpipe_rank_step_bytes(3, [5, 7], r) for r in range(3)]
+    assert per == [{"p2p_sent": 60, "p2p_received": 60}, {"p2p_sent": 144, "p2p_received": 144},
+                   {"p2p_sent": 84, "p2p_received": 84}]
+    # paper: activation forward + gradient backward, once each: 2 x 4 x 3 x 12 = 288 = all sent
+    assert gpipe_paper_step(3, [5, 7]) == 288 == sum(p["p2p_sent"] for p in per)
+    # fair: sent + received = 2 x 288
+    assert gpipe_fair_step(3, [5, 7]) == 576 == sum(sum(p.values()) for p in per)
+    assert gpipe_fair_step(3, []) == gpipe_paper_step(3, []) == 0
+    assert gpipe_rank_step_bytes(3, [], 0) == {"p2p_sent": 0, "p2p_received": 0}
+    with pytest.raises(ValueError):
+        gpipe_rank_step_bytes(3, [5, 7], 3)
+    # the paper table's formula: epochs x samples as one batch
+    assert gpipe_bytes(2, 3, [5, 7]) == gpipe_paper_step(6, [5, 7])
+
+
+@pytest.mark.parametrize("method, world, shard, want", [
+    ("loft", 3, False, 12),   # every worker iterates all 100 samples: 100 // 8
+    ("loft", 3, True, 4),     # its shard: (100 // 3) // 8 = 33 // 8
+    ("dense", 3, False, 4),   # data parallel always shards
+    ("dense", 1, False, 12),
+    ("gpipe", 3, False, 12),  # the global batch of 8: 100 // 8
+])
+def test_steps_per_epoch(method, world, shard, want):
+    assert steps_per_epoch(method, 100, 8, world, shard) == want
+
+
+def test_steps_per_epoch_unknown_method():
+    with pytest.raises(ValueError):
+        steps_per_epoch("ring", 100, 8, 2)
+
+
+def test_method_bytes_per_sync_step_epoch():
+    m = Tiny()
+    # LoFT on 2 ranks, K = 5, batch 8, 100 samples: 12 steps per epoch, 12/5 syncs
+    lo = method_bytes("loft", m, g2_only(), world=2, batch=8, n_train=100, local_steps=5, carry_momentum=True)
+    assert (lo.steps_per_epoch, lo.steps_per_sync, lo.samples_per_epoch) == (12, 5, 2 * 96)
+    assert lo.fair_per_sync == 3360
+    assert lo.paper_per_sync == 4 * (144 + 2 * 29) == 808  # parameters only: no BN statistics, no momentum
+    assert lo.syncs_per_epoch == Fraction(12, 5)
+    assert lo.fair_per_step == Fraction(3360, 5) and lo.paper_per_step == Fraction(808, 5)
+    assert lo.fair_per_epoch == Fraction(3360 * 12, 5) and lo.paper_per_epoch == Fraction(808 * 12, 5)
+    assert lo.fair_for_steps(12) == 3 * 3360  # rounds of 5, 5, 2 steps
+    assert lo.fair_for_steps(10) == 2 * 3360
+    # dense on 2 ranks: 50 samples each, 6 steps per epoch, one sync per step
+    de = method_bytes("dense", m, g2_only(), world=2, batch=8, n_train=100)
+    assert (de.steps_per_epoch, de.steps_per_sync, de.samples_per_epoch) == (6, 1, 96)
+    assert de.fair_per_epoch == 6 * 2768 and de.paper_per_epoch == 6 * 1384
+    # GPipe on 3 stages: the global batch 8 through the pipeline, 12 steps per epoch
+    gp = method_bytes("gpipe", m, g2_only(), world=3, batch=8, n_train=100, boundary_numels=[5, 7])
+    assert (gp.steps_per_epoch, gp.samples_per_epoch) == (12, 96)
+    assert gp.fair_per_sync == 4 * 2 * 2 * 8 * 12 and gp.paper_per_sync == 4 * 2 * 8 * 12
+    assert gp.fair_per_epoch == 12 * 1536 and gp.fair_per_epoch == 2 * gp.paper_per_epoch
+    with pytest.raises(ValueError):
+        method_bytes("gpipe", m, g2_only(), world=3, batch=8, n_train=100, boundary_numels=[5])
+    assert isinstance(gp, MethodBytes)

@@ -1,24 +1,35 @@
 """``loft-tools comm``: communication tables: bytes measured in runs (``/comm``), and the paper's
-table reconstructed.
+table reconstructed, in both counting conventions.
 
     loft-tools comm RUN.h5 [RUN2.h5 ...] [--per-round]
     loft-tools comm --paper
 
 Runs. ``/comm`` holds one row per rank and round with the bytes the collectives moved (allgather
-of filter shards, allreduce of shared tensors; broadcasts are counted with the allreduce). For
-each file: bytes sent, received and both per rank and over all ranks, the number of rounds with
-traffic (round 0 = before the first step, e.g. the dense baseline's initial broadcast; kept out
-of the per-sync averages), the average per sync, and a check of every row against the analytic
-bytes of :mod:`loft_hpc.exchange.accounting` (LoFT: ``loft_sync_bytes`` per round; dense:
-``dense_step_bytes`` per step) and of the totals against the ``/metrics`` byte counters. With
-several files a comparison table follows. ``--per-round``: one line per round. Every file is
-read (and checked) before anything is printed.
+of filter shards, allreduce of shared tensors or gradients, and GPipe's point-to-point
+activations and gradients, ``p2p_*``; broadcasts are counted with the allreduce; files written
+before the p2p columns existed read them as 0). For each file: bytes sent, received and both per
+rank and over all ranks, the number of rounds with traffic (round 0 = before the first step;
+kept out of the per-sync averages), the average per sync, and a check of every row against the
+analytic bytes of :mod:`loft_hpc.exchange.accounting` (LoFT: ``loft_sync_bytes`` per round;
+dense: ``dense_step_bytes`` per step; GPipe: ``gpipe_rank_step_bytes`` per step, when the file's
+pipeline can be rebuilt) and of the totals against the ``/metrics`` byte counters. With several
+files a comparison table follows. ``--per-round``: one line per round. Every file is read (and
+checked) before anything is printed.
 
-Paper (``--paper``). The LoFT paper's communication table (LOFT_SPEC section 6) next to the GPipe
-reconstruction of the spec, computed with :func:`loft_hpc.exchange.accounting.gpipe_bytes`:
-epochs (20) x training samples x 2 (activation forward, gradient backward) x 4 bytes x the sum of
-the activation sizes at the S - 1 stage boundaries. "G" is taken as 10^9 bytes; the same bytes in
-GiB (2^30) are printed too, with both relative errors, so the reader can see which unit fits.
+Paper (``--paper``), both columns of the LoFT paper's communication table (LOFT_SPEC 6, 6a):
+- GPipe: the spec's reconstruction, :func:`loft_hpc.exchange.accounting.gpipe_bytes`: epochs (20)
+  x training samples x 2 (activation forward, gradient backward) x 4 bytes x the sum of the
+  activation sizes at the S - 1 stage boundaries, for several choices of boundaries. "G" is taken
+  as 10^9 bytes; the same bytes in GiB (2^30) are printed too, with both relative errors.
+- LoFT: syncs x :func:`~loft_hpc.exchange.accounting.loft_paper_sync` = 4 (P + S Sh), P and Sh
+  the partitioned and shared parameters of the paper's models (built here on the meta device at
+  width 64 with the release's 2x inner width). The syncs each figure implies are printed; per
+  data set they are fitted (the implied mean rounded to a multiple of 100: CIFAR 500, ImageNet
+  6000) and every figure is compared with the fitted count, with the BN statistics counted too,
+  and with the release's own schedule.
+- The table in both conventions: the paper's (one direction) and the fair one (bytes sent +
+  received over all ranks, as ``/comm`` counts: GPipe exactly 2x the paper's figure, LoFT
+  syncs x 4 S (P + 2 Sh)), with the improvement factor in each.
 """
 from __future__ import annotations
 
@@ -33,7 +44,14 @@ def add_arguments(ap) -> None:
     ap.add_argument("--paper", action="store_true", help="the paper's table with the GPipe reconstruction")
 
 
-KEYS = ("allgather_sent", "allgather_received", "allreduce_sent", "allreduce_received")
+KEYS = ("allgather_sent", "allgather_received", "allreduce_sent", "allreduce_received", "p2p_sent", "p2p_received")
+SENT = ("allgather_sent", "allreduce_sent", "p2p_sent")
+RECEIVED = ("allgather_received", "allreduce_received", "p2p_received")
+
+
+def row_bytes(r, keys=KEYS) -> int:
+    """Sum of ``keys`` of one /comm row; a column the file lacks (p2p before GPipe) is 0."""
+    return sum(int(r.get(k, 0)) for k in keys)
 G = 10**9
 GIB = 2**30
 
@@ -43,15 +61,20 @@ SAMPLES = {"cifar": 50_000, "imagenet": 1_281_167}
 # Activation sizes (C, H, W) at candidate stage boundaries.
 # CIFAR ResNet-34 / PreResNet-34 (32x32 input): stage outputs 64x32x32, 128x16x16, 256x8x8, 512x4x4.
 # ImageNet PreResNet-18 (224x224 input): stage outputs 64x56x56, 128x28x28, 256x14x14, 512x7x7.
+# "FLOPs-balanced": loft_hpc.models.pipeline.balanced_cuts over the forward multiply-accumulates of
+# every pipeline block (stem, residual blocks, head) of the paper's models: for S = 2 it is the
+# spec's middle cut; for S = 4 CIFAR the stages begin at layer2.1, layer3.1, layer3.5 and ImageNet
+# at layer2.0, layer3.0, layer4.0 (= the ends of stages 1, 2, 3).
 BOUNDARIES = {
     "cifar": {
         2: [("spec: middle (stage 3)", [(256, 8, 8)])],
         4: [("after stages 1,2,3", [(64, 32, 32), (128, 16, 16), (256, 8, 8)]),
-            ("after stages 2,3,4", [(128, 16, 16), (256, 8, 8), (512, 4, 4)])],
+            ("after stages 2,3,4", [(128, 16, 16), (256, 8, 8), (512, 4, 4)]),
+            ("FLOPs-balanced", [(128, 16, 16), (256, 8, 8), (256, 8, 8)])],
     },
     "imagenet": {
         2: [("spec: middle (stage 2)", [(128, 28, 28)])],
-        4: [("after stages 1,2,3", [(64, 56, 56), (128, 28, 28), (256, 14, 14)]),
+        4: [("stages 1,2,3 = FLOPs", [(64, 56, 56), (128, 28, 28), (256, 14, 14)]),
             ("after stages 2,3,4", [(128, 28, 28), (256, 14, 14), (512, 7, 7)]),
             ("fitted: blocks 3,4,6", [(128, 28, 28), (128, 28, 28), (256, 14, 14)])],
     },
@@ -64,6 +87,16 @@ PAPER = [
     ("ResNet-34 CIFAR-100", "cifar", 131.88, 104.78, 461.60, 144.66, "1.26x", "3.19x"),
     ("PreResNet-18 ImageNet", "imagenet", 20954.24, 791.09, 52385.59, 1284.84, "21.60x", "40.77x"),
 ]
+# The paper's models (LOFT_SPEC 1): arch, classes, stem; width 64 with the release's 2x inner width.
+MODELS = {
+    "PreResNet-34 CIFAR-10": ("preresnet34", 10, "cifar"), "ResNet-34 CIFAR-10": ("resnet34", 10, "cifar"),
+    "PreResNet-34 CIFAR-100": ("preresnet34", 100, "cifar"), "ResNet-34 CIFAR-100": ("resnet34", 100, "cifar"),
+    "PreResNet-18 ImageNet": ("preresnet18", 1000, "imagenet"),
+}
+# The release's schedule (LOFT_SPEC 3): every worker iterates the whole set, batch 128 (CIFAR) /
+# 512 (ImageNet), a sync every K = 15 local steps, 20 epochs.
+RELEASE_BATCH = {"cifar": 128, "imagenet": 512}
+RELEASE_K = 15
 
 
 def paper_rows() -> list[dict]:
@@ -84,6 +117,82 @@ def paper_rows() -> list[dict]:
                     "paper_loft_G": paper_l, "paper_improvement": imp,
                     "improvement_recon": (b / G) / paper_l,
                 })
+    return out
+
+
+def paper_model_floats() -> dict:
+    """:class:`~loft_hpc.exchange.accounting.ModelFloats` of the paper's five models, built on the
+    meta device (shapes only: no memory, no initialisation cost)."""
+    import torch
+
+    from loft_hpc.config.schema import ModelConfig
+    from loft_hpc.exchange.accounting import model_floats
+    from loft_hpc.models import build_model as _build
+
+    out = {}
+    for name, (arch, classes, stem) in MODELS.items():
+        cfg = ModelConfig(arch=arch, width=64, inner_width_factor=2, stem=stem, partition_rule="loft")
+        size = 224 if stem == "imagenet" else 32
+        with torch.device("meta"):
+            m = _build(cfg, num_classes=classes, in_channels=3, image_size=size, dataset=stem)
+        out[name] = model_floats(m, m.filter_groups())
+    return out
+
+
+def release_syncs(fam: str) -> int:
+    """Syncs of the release's schedule: 20 epochs x floor(samples / batch) steps / K (whole)."""
+    return EPOCHS * (SAMPLES[fam] // RELEASE_BATCH[fam]) // RELEASE_K
+
+
+def loft_paper_rows(floats: dict | None = None) -> list[dict]:
+    """The paper's LoFT column reconstructed: syncs x 4 (P_par + S Sh_par). The syncs the paper
+    must have counted are implied by each figure; per data set family they are fitted as the
+    implied mean rounded to a multiple of 100 (CIFAR 500, ImageNet 6000)."""
+    from loft_hpc.exchange.accounting import loft_fair_sync, loft_paper_sync
+
+    floats = floats or paper_model_floats()
+    rows = []
+    for name, fam, _g2, l2, _g4, l4, _i2, _i4 in PAPER:
+        f = floats[name]
+        for s, paper in ((2, l2), (4, l4)):
+            per = loft_paper_sync(f.partitioned_params, f.shared_params, s)
+            per_bn = loft_paper_sync(f.partitioned, f.shared, s)
+            rows.append({"setting": name, "family": fam, "S": s, "P": f.partitioned_params, "Sh": f.shared_params,
+                         "per_sync": per, "paper_G": paper, "implied_syncs": paper * G / per,
+                         "per_sync_with_bn": per_bn, "implied_syncs_with_bn": paper * G / per_bn,
+                         "fair_per_sync": loft_fair_sync(f.partitioned, f.shared, s),
+                         "fair_per_sync_carry": loft_fair_sync(*f.loft_floats(True), s)})
+    for fam in SAMPLES:
+        sel = [r for r in rows if r["family"] == fam]
+        n = round(sum(r["implied_syncs"] for r in sel) / len(sel), -2)
+        for r in sel:
+            r["syncs"] = int(n)
+            r["G"] = n * r["per_sync"] / G
+            r["err_G"] = r["G"] / r["paper_G"] - 1.0
+            r["err_with_bn"] = n * r["per_sync_with_bn"] / G / r["paper_G"] - 1.0
+            r["release_syncs"] = release_syncs(fam)
+            r["release_G"] = r["release_syncs"] * r["per_sync"] / G
+            r["err_release"] = r["release_G"] / r["paper_G"] - 1.0
+    return rows
+
+
+def fair_rows(loft: list[dict]) -> list[dict]:
+    """The paper's table in both conventions. Paper: its own figures. Fair (sent + received over
+    all ranks, as /comm counts): GPipe = 2 x the paper's figure exactly (each activation and
+    gradient sent once and received once); LoFT = the fitted syncs x 4 S (P + 2 Sh) with P, Sh
+    the floats LoFT's exchange moves (parameters and BN statistics; momentum reset, as the
+    paper's release, and carried)."""
+    out = []
+    paper = {p[0]: p for p in PAPER}
+    for r in loft:
+        _n, _f, g2, _l2, g4, _l4, imp2, imp4 = paper[r["setting"]]
+        gp = g2 if r["S"] == 2 else g4
+        lf = r["syncs"] * r["fair_per_sync"] / G
+        lfc = r["syncs"] * r["fair_per_sync_carry"] / G
+        out.append({"setting": r["setting"], "S": r["S"], "gpipe_paper_G": gp, "loft_paper_G": r["paper_G"],
+                    "improvement_paper": gp / r["paper_G"], "printed": imp2 if r["S"] == 2 else imp4,
+                    "gpipe_fair_G": 2 * gp, "loft_fair_G": lf, "improvement_fair": 2 * gp / lf,
+                    "loft_fair_carry_G": lfc, "improvement_fair_carry": 2 * gp / lfc})
     return out
 
 
@@ -119,8 +228,80 @@ def print_paper() -> None:
         print(f"S = 4 {fam}: {errs}; closest {best['shapes']} = "
               f"{best['boundary_numel'] / [r for r in s2 if r['setting'] == best['setting']][0]['boundary_numel']:g}x "
               f"the S = 2 boundary.")
-    print("No single cutting rule fits both S = 4 figures: stage ends 2,3,4 fit CIFAR (-0.62%) but miss ImageNet "
-          "(-31%); the ImageNet fit (cuts after blocks 3, 4, 6 of 8) is unbalanced and chosen to match.")
+    r4 = {p[1]: p[4] / p[2] for p in PAPER}
+    first = {fam: next(p[0] for p in PAPER if p[1] == fam) for fam in SAMPLES}
+
+    def err(fam: str, label: str) -> float:
+        return next(r["err_G"] for r in rows if r["setting"] == first[fam] and r["S"] == 4 and r["boundaries"] == label)
+
+    def units(fam: str, label: str) -> float:
+        num = next(r["boundary_numel"] for r in rows if r["setting"] == first[fam] and r["S"] == 4 and r["boundaries"] == label)
+        return num / next(r["boundary_numel"] for r in s2 if r["setting"] == first[fam])
+
+    flops = {"cifar": "FLOPs-balanced", "imagenet": "stages 1,2,3 = FLOPs"}
+    print(f"The gap at S = 4: the paper's GPipe-4 figures are exactly {r4['cifar']:.4f}x (CIFAR) and "
+          f"{r4['imagenet']:.4f}x (ImageNet) its GPipe-2 figures: its four-stage cuts carry that many times the "
+          f"activation of its two-stage cut. Stage ends 2,3,4 give {units('cifar', 'after stages 2,3,4'):g}x on CIFAR "
+          f"but {units('imagenet', 'after stages 2,3,4'):g}x on ImageNet; balancing the stages by FLOPs gives "
+          f"{units('cifar', flops['cifar']):g}x and {units('imagenet', flops['imagenet']):g}x (by parameters or by "
+          "block count neither fits either), and every cut set with 2.5x on ImageNet is unbalanced (e.g. stages "
+          "beginning at layer2.1, layer3.0, layer4.0). The paper's S = 4 cuts are not recoverable; a FLOPs-balanced "
+          f"GPipe-4 moves {100 * err('cifar', flops['cifar']):+.1f}% (CIFAR) and "
+          f"{100 * err('imagenet', flops['imagenet']):+.1f}% (ImageNet) against the paper's column.")
+    for name, _fam, g2, l2, g4, l4, imp2, imp4 in PAPER:
+        for s, g, lo, imp in ((2, g2, l2, imp2), (4, g4, l4, imp4)):
+            if abs(g / lo - float(imp.rstrip("x"))) > 0.011:
+                print(f"Note: the paper prints {imp} for {name} S = {s}, but its own figures give "
+                      f"{g:.2f} / {lo:.2f} = {g / lo:.2f}x.")
+    print()
+    print_loft_paper()
+
+
+def print_loft_paper() -> None:
+    floats = paper_model_floats()
+    rows = loft_paper_rows(floats)
+    print(f"LoFT reconstruction (LOFT_SPEC 6a): syncs x 4 bytes x (P + S x Sh), P / Sh = the partitioned / shared "
+          f"parameters of the paper's models (width 64, the release's 2x inner width), built here; a parameter server "
+          f"hands each worker its sub-network (P/S + Sh), one direction.")
+    head = (f"{'setting':<23} {'method':<6} {'P':>11} {'Sh':>10} {'per sync MB':>11} {'paper G':>9} {'implied syncs':>13} "
+            f"{'syncs':>5} {'recon G':>9} {'err G':>7} {'+BN err':>7} | {'release syncs':>13} {'recon G':>9} {'err':>7}")
+    print(head)
+    print("-" * len(head))
+    last = None
+    for r in rows:
+        if last is not None and r["setting"] != last:
+            print()
+        last = r["setting"]
+        print(f"{r['setting']:<23} LoFT-{r['S']:<1} {r['P']:>11,} {r['Sh']:>10,} {r['per_sync'] / 1e6:>11.3f} "
+              f"{r['paper_G']:>9.2f} {r['implied_syncs']:>13.3f} {r['syncs']:>5} {r['G']:>9.2f} "
+              f"{100 * r['err_G']:>+6.3f}% {100 * r['err_with_bn']:>+6.2f}% | {r['release_syncs']:>13} "
+              f"{r['release_G']:>9.2f} {100 * r['err_release']:>+6.1f}%")
+    for fam in SAMPLES:
+        sel = [r for r in rows if r["family"] == fam]
+        lo, hi = min(r["implied_syncs"] for r in sel), max(r["implied_syncs"] for r in sel)
+        bl, bh = min(r["implied_syncs_with_bn"] for r in sel), max(r["implied_syncs_with_bn"] for r in sel)
+        print(f"{fam}: the figures imply {lo:.2f} to {hi:.2f} syncs (parameters; with the BN statistics added "
+              f"{bl:.2f} to {bh:.2f}): the paper counted {sel[0]['syncs']} syncs and parameters only; "
+              f"max |err| {100 * max(abs(r['err_G']) for r in sel):.3f}%. The release's schedule ({EPOCHS} epochs x "
+              f"{SAMPLES[fam] // RELEASE_BATCH[fam]} steps of batch {RELEASE_BATCH[fam]} / K = {RELEASE_K}) "
+              f"would give {sel[0]['release_syncs']} syncs.")
+    print("err G: the fitted syncs; +BN err: the same syncs with the BN running statistics counted too; release: the "
+          "release's schedule instead of the fitted syncs.")
+    print()
+    print("The paper's table in both conventions (G = 10^9 bytes). paper: one direction (its own figures); fair: "
+          "bytes sent + received summed over all ranks, as /comm counts them (GPipe: exactly 2x the paper's figure; "
+          "LoFT: the fitted syncs x 4 S (P + 2 Sh), P and Sh with the BN statistics, which the exchange moves; "
+          "carry: with momentum_mode=carry's momentum as well).")
+    head = (f"{'setting':<23} {'S':<3} {'GPipe paper':>11} {'LoFT paper':>10} {'improv.':>7} {'printed':>7} | "
+            f"{'GPipe fair':>10} {'LoFT fair':>9} {'improv.':>7} | {'LoFT carry':>10} {'improv.':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in fair_rows(rows):
+        print(f"{r['setting']:<23} S={r['S']:<1} {r['gpipe_paper_G']:>11.2f} {r['loft_paper_G']:>10.2f} "
+              f"{r['improvement_paper']:>6.2f}x {r['printed']:>7} | {r['gpipe_fair_G']:>10.2f} {r['loft_fair_G']:>9.2f} "
+              f"{r['improvement_fair']:>6.2f}x | {r['loft_fair_carry_G']:>10.2f} {r['improvement_fair_carry']:>6.2f}x")
+    print("Fair LoFT-S / paper LoFT-S = S (P + 2 Sh) / (P + S Sh): 2x at S = 2 (the improvement holds), "
+          "less than 4x at S = 4 (each rank also sends and receives the shared tensors).")
 
 
 # ----------------------------------------------------------------------------------- run files
@@ -136,8 +317,8 @@ def comm_summary(rf) -> dict:
     per_rank: dict[int, dict[str, int]] = defaultdict(lambda: dict.fromkeys(("sent", "received", "sync_total", "round0"), 0))
     rounds = set()
     for r in rf.comm:
-        sent = int(r["allgather_sent"]) + int(r["allreduce_sent"])
-        recv = int(r["allgather_received"]) + int(r["allreduce_received"])
+        sent = row_bytes(r, SENT)
+        recv = row_bytes(r, RECEIVED)
         d = per_rank[int(r["rank"])]
         d["sent"] += sent
         d["received"] += recv
@@ -166,10 +347,42 @@ def analytic(rf) -> tuple[str, dict[int, int] | None]:
         carry = cfg.train.momentum_mode == "carry" and cfg.train.momentum > 0
         exp = {q: sum(loft_sync_bytes(model, model.filter_groups(), world, q, carry).values()) for q in range(world)}
         return f"LoFT, loft_sync_bytes(world={world}, carry_momentum={carry}) per round", exp
+    if method == "gpipe":
+        return gpipe_analytic(rf, model, cfg)
     if world == 1:
         return "dense on 1 rank: no traffic expected", dict.fromkeys(range(world), 0)
     b = sum(dense_step_bytes(model).values())
     return f"dense, dense_step_bytes per step (K = 1) on {world} ranks", dict.fromkeys(range(world), b)
+
+
+def gpipe_analytic(rf, model, cfg) -> tuple[str, dict[int, int] | None]:
+    """GPipe: every step moves each stage's boundary activations and their gradients
+    (:func:`~loft_hpc.exchange.accounting.gpipe_rank_step_bytes`), at the cuts the trainer
+    resolves from the file's config."""
+    import math
+
+    from loft_hpc.exchange.accounting import gpipe_rank_step_bytes
+
+    world = rf.world_size
+    try:
+        import torch
+
+        from loft_hpc.models.pipeline import boundary_shapes, pipeline_blocks
+        from loft_hpc.train.gpipe import resolve_cuts
+
+        blocks = pipeline_blocks(model)
+        size = int(cfg.data.image_size or (224 if cfg.data.name == "imagenet" else 32))
+        sample = torch.zeros(1, model.conv1.in_channels, size, size)
+        cuts = resolve_cuts(cfg, blocks, world, sample)
+        shapes = boundary_shapes(blocks, cuts, sample)
+    except Exception as e:  # noqa: BLE001 - a pipeline this version cannot rebuild: no check
+        return f"GPipe: the pipeline could not be rebuilt ({type(e).__name__}: {e})", None
+    numels = [math.prod(s) for s in shapes]
+    batch = cfg.data.batch_size
+    exp = {q: sum(gpipe_rank_step_bytes(batch, numels, q).values()) for q in range(world)}
+    cut_names = ", ".join(blocks[c][0] for c in cuts) or "none"
+    return (f"GPipe, gpipe_rank_step_bytes(batch={batch}, activations {' + '.join('x'.join(map(str, s)) for s in shapes) or '-'}"
+            f" per sample at the cuts before {cut_names}) per step", exp)
 
 
 def describe(rf) -> str:
@@ -177,7 +390,8 @@ def describe(rf) -> str:
     head = f"{rf.stage}, {rf.arch}"
     if built is not None and rf.stage.startswith("pretrain"):
         t = built[1].train
-        head += f", LoFT K={t.local_steps}, momentum {t.momentum_mode}" if t.method == "loft" else ", dense"
+        head += {"loft": f", LoFT K={t.local_steps}, momentum {t.momentum_mode}",
+                 "gpipe": f", GPipe, {getattr(t, 'microbatches', '?')} micro-batches"}.get(t.method, ", dense")
     elif rf.stage.startswith("retrain"):
         head += ", dense (masked)"
     return f"{head}, {rf.world_size} rank(s), step {rf.progress.get('step', '?')}"
@@ -209,7 +423,7 @@ def print_run(path: str, rf, per_round: bool) -> dict:
     text, exp = analytic(rf)
     if exp is not None:
         rows = [r for r in rf.comm if int(r["round"]) > 0]
-        ok = sum(1 for r in rows if sum(int(r[k]) for k in KEYS) == exp.get(int(r["rank"]), -1))
+        ok = sum(1 for r in rows if row_bytes(r) == exp.get(int(r["rank"]), -1))
         per = ", ".join(f"rank {q} {b:,}" for q, b in exp.items())
         print(f"   analytic ({text}): {per} B per row; {ok}/{len(rows)} rows equal it")
     else:
@@ -218,8 +432,8 @@ def print_run(path: str, rf, per_round: bool) -> dict:
         m = rf.metrics[-1]
         ms, mr = int(m.get("bytes_sent", 0)), int(m.get("bytes_received", 0))
         rows_upto = [r for r in rf.comm if int(r["step"]) <= int(m["step"])]
-        cs = sum(int(r["allgather_sent"]) + int(r["allreduce_sent"]) for r in rows_upto)
-        cr = sum(int(r["allgather_received"]) + int(r["allreduce_received"]) for r in rows_upto)
+        cs = sum(row_bytes(r, SENT) for r in rows_upto)
+        cr = sum(row_bytes(r, RECEIVED) for r in rows_upto)
         same = "equal" if (cs, cr) == (ms, mr) else "DIFFERENT"
         print(f"   /metrics at step {m['step']}: sent {ms:,} received {mr:,} (all ranks); /comm up to that step: "
               f"sent {cs:,} received {cr:,}: {same}")
@@ -227,7 +441,7 @@ def print_run(path: str, rf, per_round: bool) -> dict:
         by_round: dict[int, dict[int, int]] = defaultdict(dict)
         steps = {}
         for r in rf.comm:
-            by_round[int(r["round"])][int(r["rank"])] = sum(int(r[k]) for k in KEYS)
+            by_round[int(r["round"])][int(r["rank"])] = row_bytes(r)
             steps[int(r["round"])] = int(r["step"])
         cols = " ".join(f"{'rank ' + str(q):>13}" for q in s["ranks"])
         print(f"   {'round':>6} {'step':>8} {cols} {'all ranks':>14} {'cumulative':>16}")
