@@ -17,7 +17,7 @@ test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs tests $(ARGS)
 
 bench: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) tools/bench_loft.py $(ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) tools/bench.py $(ARGS)
 
 # Mutation testing of the pure modules against the fast single-process tests (outside CI; see
 # tools/mutation_report.py and [mutmut] in setup.cfg). Works on a copy in build/mutation/.

@@ -8,8 +8,7 @@ g. ``loft-tools comm`` (run as tools/comm_table.py, the README's command) on a d
 h. ``loft-tools heatmap`` (loft_hpc.tools.heatmap): the matrices and curves it draws equal filter
    distances computed by brute force from /snapshots/scores (and the scores are the producers'
    squared L2 / L1 row norms).
-i. tools/bench_loft.py on a tiny setting: the byte counts it reports equal the analytic counts of
-   loft_hpc/exchange/accounting.py and what the run's /comm says (timings are not asserted).
+(i. the benchmark on a tiny setting: tests/test_bench.py.)
 
 Two byte-record checks of dense files were strict xfails against 65a39db, where they failed: the
 BN averaging of an evaluation that is not a checkpoint was booked in the next step's /comm row, and
@@ -20,15 +19,10 @@ DIFFERENT). The engine split (5bcea23: the ledger records an evaluation's bytes 
 from __future__ import annotations
 
 import copy
-import importlib.util
-import json
 import math
 import os
 import re
-import signal
 import subprocess
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,26 +32,15 @@ import torch
 from loft_hpc.checkpoint.h5file import read_run_file
 from loft_hpc.config import load_config
 from loft_hpc.data import build_datasets
-from loft_hpc.exchange.accounting import dense_step_bytes, loft_sync_bytes
 from loft_hpc.stages.common import make_model
 from loft_hpc.tools import heatmap as heat
 from loft_hpc.tools.reading import pyplot
-from tests import mpi_util
 from tests.mpi_util import PY, REPO, TINY, ok, run_job
 
 TOOLS = REPO / "tools"
 CONFIG = str(REPO / "configs" / "default.yaml")
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 plt = pyplot()
-
-
-def load_tool(name: str):
-    """tools/<name>.py imported as a module (the developer tools there that are not loft-tools
-    commands, e.g. bench_loft.py)."""
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def run_tool(args: list, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -325,95 +308,3 @@ def test_heatmap_numbers_with_tied_scores(dense_dir):
         h = np.stack([np.asarray(r, dtype=np.float64) for r in tied.snap_scores[g]["l2"]])
         np.testing.assert_allclose(got, bf_matrix(h), rtol=1e-9, atol=1e-12, err_msg=g)
     plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------- (i)
-# tools/bench_loft.py has no option for a tiny model (its models are a module-level table), but
-# exposes --steps, --ranks, --local-steps, --reps and --out: the test runs its main() with the
-# table replaced by one tiny synthetic setting, 8 local steps of K = 4, on 1 and 2 ranks (LoFT on
-# both, dense on 2), and keeps every run file it makes.
-BENCH_TINY = ["data.name=synthetic", "data.synthetic_train_size=192", "data.synthetic_test_size=64",
-              "data.batch_size=16", "data.eval_batch_size=64", "model.width=4", "model.inner_width_factor=1.5",
-              "train.train_eval_samples=64"]
-
-
-def _session_run(cmd, *, cwd, env, capture_output, text):
-    """subprocess.run for the benchmark's jobs, as the leader of a new session with a deadline:
-    when it fails, times out or is interrupted, the whole session (mpirun and every rank) is killed."""
-    start = getattr(mpi_util, "start_job", None)
-    if start is not None:
-        proc = start(cmd, env={k: v for k, v in env.items()}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    else:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except BaseException:
-        if hasattr(mpi_util, "kill_session"):
-            mpi_util.kill_session(proc)
-        else:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        raise
-    if hasattr(mpi_util, "finish_job"):
-        mpi_util.finish_job(proc)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def test_bench_tool_on_a_tiny_setting(tmp_path, monkeypatch):
-    bench = load_tool("bench_loft")
-    name = "tiny (synthetic, PreResNet-18 w4 x1.5)"
-    monkeypatch.setattr(bench, "MODELS", {name: BENCH_TINY})
-    runs: list[Path] = []
-
-    @contextmanager
-    def keep_dir():
-        d = tmp_path / f"run{len(runs)}"
-        d.mkdir()
-        runs.append(d)
-        yield str(d)
-
-    monkeypatch.setattr(bench.tempfile, "TemporaryDirectory", keep_dir)
-    monkeypatch.setattr(bench.subprocess, "run", _session_run)
-    out = tmp_path / "bench_out"
-    monkeypatch.setattr(sys, "argv", ["bench_loft.py", "--steps", "8", "--ranks", "1", "2", "--local-steps", "4",
-                                      "--reps", "1", "--out", str(out)])
-    torch_threads = torch.get_num_threads()
-    try:
-        bench.main()
-    finally:
-        torch.set_num_threads(torch_threads)
-    results = json.loads((out / "results.json").read_text())
-    assert [(r["method"], r["ranks"]) for r in results] == [("loft", 1), ("loft", 2), ("dense", 2)]
-    assert len(runs) == 3
-    cfg = load_config(CONFIG, [*bench.COMMON, *BENCH_TINY])
-    model = make_model(cfg, build_datasets(cfg.data))
-    groups = model.filter_groups()
-    md = (out / "results.md").read_text()
-    for r, d in zip(results, runs):
-        rf = read_run_file(Path(d) / "pretrain.h5")
-        assert rf.world_size == r["ranks"] and rf.progress["step"] == 8
-        S = r["ranks"]
-        if r["method"] == "loft":
-            want = {q: sum(loft_sync_bytes(model, groups, S, q, carry_momentum=True).values()) for q in range(S)}
-            synced = [x for x in rf.comm if x["round"] >= 1]
-            assert rf.progress["round"] == 2
-        else:
-            want = dict.fromkeys(range(S), sum(dense_step_bytes(model).values()))
-            n_params, _ = trainable_and_bn(rf.model)
-            assert want[0] == 8 * n_params
-            synced = [x for x in rf.comm if x["round"] >= 1 and x["step"] != 8]  # step 8 also averages BN
-        # what the run's /comm says: every synchronisation of every rank moved the analytic bytes
-        assert len(synced) == (0 if S == 1 else S * (2 if r["method"] == "loft" else 7))
-        for x in synced:
-            assert sum(int(x[k]) for k in ("allgather_sent", "allgather_received", "allreduce_sent",
-                                           "allreduce_received")) == want[x["rank"]], x
-        # what the tool reports: the median sync of rank 0, next to the analytic figure
-        rank0 = sorted(sum(int(x[k]) for k in ("allgather_sent", "allgather_received", "allreduce_sent",
-                                                "allreduce_received")) for x in rf.comm
-                       if x["round"] >= 1 and x["rank"] == 0)
-        measured = rank0[len(rank0) // 2] if rank0 else 0
-        assert r["bytes_per_sync_rank0"] == measured == want[0]
-        assert r["analytic_bytes_per_sync"] == want[0]
-        assert f"| {r['method']} | {S} | " in md and f"| {want[0]:,} | {want[0]:,} |" in md
-    assert results[0]["bytes_per_sync_rank0"] == 0 and results[1]["bytes_per_sync_rank0"] > 0

@@ -1,0 +1,540 @@
+"""The benchmark suite: LoFT, dense and GPipe pretraining on the same config, side by side.
+
+    python tools/bench.py [--ranks 2 4] [--methods loft dense gpipe] [--epochs 1] [--local-steps 4]
+                          [--microbatches 4] [--reps 5] [--tiny] [--config FILE] [--set KEY=VALUE ...]
+                          [--out build/bench]
+
+One invocation, one run of every job, each under real ``scripts/mpirun.sh -np S`` (GPipe: the
+pipeline's S stages, one per rank). For each (method, S):
+
+- bytes per epoch, fair convention (sent + received summed over all ranks, as ``/comm`` counts):
+  *measured* = the sum of every ``/comm`` column of every row of the run, divided by the epochs run;
+  *analytic* = :mod:`loft_hpc.exchange.accounting` for the same steps (LoFT: ceil(steps / K)
+  syncs; dense and GPipe: one per step) plus the run's evaluations (dense averages the BN
+  statistics at each: ``dense_eval_bytes``; LoFT and GPipe move nothing counted there); and their
+  difference, which is 0 when every byte is accounted for;
+- bytes per epoch, the paper's convention (analytic: the paper's rule has no log to measure);
+- images per second per rank: training images the whole job processed / training wall time / S
+  (LoFT and dense: each rank its own batches; GPipe: every global batch passes all S stages, so
+  the pipeline's throughput is shared by S ranks);
+- wall time per epoch: the run's training wall time (``/progress`` wall_time: the loop, stopped
+  before the final evaluation and file) / epochs;
+- share of time in communication: the ranks' mean of (seconds inside counted collectives, ``/comm``
+  ``seconds``) / training wall time. GPipe's point-to-point transfers run inside the pipeline
+  schedule and are not timed (their ``seconds`` are 0): the table says "not timed";
+- peak memory per rank: the kernel's high-water mark of each rank process's resident set
+  (``getrusage`` ru_maxrss, recorded in the rank itself by :mod:`loft_hpc.bench.probe`); the
+  table shows the largest rank, the JSON every rank; on CUDA also ``torch.cuda.max_memory_allocated``;
+- LoFT only: the local step of one rank's sub-network against the full network (one core, in this
+  process, after the MPI jobs), as a speed-up next to the FLOPs ratio (the former bench_loft.py).
+
+The headline table puts LoFT-S against GPipe-S (bytes per epoch, both conventions) beside the
+paper's 1.26x and 3.20x (PreResNet-34, CIFAR-10). Results go to ``OUT/results.md`` and
+``OUT/results.json`` (the same figures) and the run files stay in ``OUT/runs/<method>-<S>/``
+(``loft-tools comm`` reads them).
+
+Default setting: the CIFAR-shaped PreResNet-34 at reduced width (w16, the release's 2x inner
+width) on synthetic 32 px data (2048 training images, batch 64 per rank; GPipe: global batch 64 in
+4 micro-batches), K = 4 (so that an epoch of 32 steps is 8 whole rounds), one epoch per job,
+GPipe's stages balanced by FLOPs (``train.pipeline_balance=flops``: for S = 2 that is the paper's
+middle cut, ``loft-tools comm --paper``). ``--tiny``: a tiny PreResNet-18 on 192 synthetic 16 px
+images (the tests' setting).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+MPIRUN = REPO / "scripts" / "mpirun.sh"
+DEFAULT_OUT = REPO / "build" / "bench"
+
+CIFAR_SHAPED = ["data.name=synthetic", "data.image_size=32", "data.synthetic_classes=10",
+                "data.synthetic_train_size=2048", "data.synthetic_test_size=256", "data.batch_size=64",
+                "model.arch=preresnet34", "model.width=16", "model.inner_width_factor=2"]
+TINY = ["data.name=synthetic", "data.synthetic_train_size=192", "data.synthetic_test_size=64", "data.batch_size=16",
+        "data.eval_batch_size=64", "model.arch=preresnet18", "model.width=4", "model.inner_width_factor=1.5"]
+# every job: no recalibration, no logs, no snapshots or checkpoints in between, no training-sample evaluation
+COMMON = ["train.bn_recalibration=0", "train.progress=false", "train.log_every=100000", "train.train_eval_samples=0",
+          "output.snapshot_weights=[]", "output.snapshot_every=100000it", "output.checkpoint_every=100000it"]
+METHODS = ("loft", "dense", "gpipe")
+PAPER_IMPROVEMENT = {2: 1.26, 4: 3.20}  # LOFT_SPEC 6: PreResNet-34 CIFAR-10, GPipe-S / LoFT-S
+SESSION_KILL_ROUNDS = 50
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------- jobs
+def _session_pids(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (field 6 of /proc/PID/stat)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            out.append(int(d))
+    return out
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of the job's session (mpirun.sh, mpirun and the ranks: this suite
+    started the session, its leader's pid is its id), then reap the leader."""
+    for _ in range(SESSION_KILL_ROUNDS):
+        pids = _session_pids(proc.pid) if os.path.isdir("/proc") else [proc.pid]
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            proc.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def run_job(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """``cmd`` as the leader of a new session; on a timeout, an interrupt or an error the whole
+    session is killed (no rank is left behind)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_session(proc)
+        raise BenchError(f"{' '.join(cmd)}: still running after {timeout:.0f} s: killed") from None
+    except BaseException:
+        kill_session(proc)
+        raise
+    kill_session(proc)  # whatever outlived mpirun
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def job_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+# ----------------------------------------------------------------------------------- settings
+class Setting:
+    """The config every job shares, its model, and the per-method overrides."""
+
+    def __init__(self, config: str, overrides: list[str], epochs: int, local_steps: int, microbatches: int,
+                 balance: str) -> None:
+        from loft_hpc.config import load_config
+        from loft_hpc.data import build_datasets
+        from loft_hpc.stages.common import make_model
+
+        self.config, self.epochs = config, epochs
+        self.local_steps, self.microbatches, self.balance = local_steps, microbatches, balance
+        self.overrides = [*COMMON, *overrides, f"train.duration={epochs}ep", f"train.eval_every={epochs}ep"]
+        self.cfg = load_config(config, self.overrides)
+        self.bundle = build_datasets(self.cfg.data)
+        self.model = make_model(self.cfg, self.bundle)
+        self.groups = self.model.filter_groups()
+        self.n_train = len(self.bundle.train)
+        self.batch = self.cfg.data.batch_size
+
+    def method_args(self, method: str) -> list[str]:
+        args = [f"train.method={method}"]
+        if method == "loft":
+            args.append(f"train.local_steps={self.local_steps}")
+        if method == "gpipe":
+            args += [f"train.microbatches={self.microbatches}", f"train.pipeline_balance={self.balance}"]
+        return args
+
+    def job_config(self, method: str):
+        from loft_hpc.config import load_config
+
+        return load_config(self.config, [*self.overrides, *self.method_args(method)])
+
+    def boundaries(self, method: str, world: int) -> tuple[list[str], list[tuple[int, ...]]] | tuple[None, None]:
+        """GPipe: the block names where stages 2..S begin and the per-sample activation shape at
+        each cut, resolved as the trainer resolves them (the config's cuts or the balance)."""
+        if method != "gpipe":
+            return None, None
+        import torch
+
+        from loft_hpc.models.pipeline import boundary_shapes, pipeline_blocks
+        from loft_hpc.train.gpipe import resolve_cuts
+
+        cfg = self.job_config(method)
+        blocks = pipeline_blocks(self.model)
+        sample = torch.zeros(1, self.bundle.in_channels, self.bundle.image_size, self.bundle.image_size)
+        cuts = resolve_cuts(cfg, blocks, world, sample)
+        return [blocks[c][0] for c in cuts], [tuple(s) for s in boundary_shapes(blocks, cuts, sample)]
+
+    def describe(self) -> str:
+        c = self.cfg
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return (f"{c.model.arch} width {c.model.width} x{c.model.inner_width_factor:g} inner ({n_params:,} parameters), "
+                f"{c.data.name} {self.bundle.image_size} px, {self.n_train:,} training images, batch {self.batch} "
+                f"(LoFT, dense: per rank; GPipe: global, {self.microbatches} micro-batches), "
+                f"LoFT K = {self.local_steps}, momentum {c.train.momentum_mode}, {self.epochs} epoch(s) per job")
+
+
+def gpipe_available() -> bool:
+    """Whether this checkout has GPipe pretraining (``train.method=gpipe``)."""
+    try:
+        from loft_hpc.config.schema import TrainConfig
+
+        TrainConfig(method="gpipe")
+        import loft_hpc.train.gpipe  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure: not available here
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------- one job
+def row_bytes(r: dict) -> int:
+    from loft_hpc.tools.comm import row_bytes as rb
+
+    return rb(r)
+
+
+def exact(x: Fraction) -> int | float:
+    return int(x) if x.denominator == 1 else float(x)
+
+
+def analytic(setting: Setting, method: str, world: int, steps: int, evaluations: int, numels: list[int] | None) -> dict:
+    """The analytic figures of one job: run totals (fair, over all ranks and per rank; paper) and
+    the per-epoch and per-sync figures of :class:`~loft_hpc.exchange.accounting.MethodBytes`."""
+    from loft_hpc.exchange.accounting import (dense_eval_bytes, dense_step_bytes, gpipe_rank_step_bytes,
+                                              loft_sync_bytes, method_bytes, model_floats)
+
+    cfg = setting.job_config(method)
+    carry = cfg.train.momentum_mode == "carry" and cfg.train.momentum > 0
+    mb = method_bytes(method, setting.model, setting.groups, world=world, batch=setting.batch, n_train=setting.n_train,
+                      local_steps=setting.local_steps if method == "loft" else 1, carry_momentum=carry,
+                      shard=cfg.data.shard, boundary_numels=numels)
+    syncs = -(-steps // mb.steps_per_sync)
+    f = model_floats(setting.model, setting.groups)
+    evals = dense_eval_bytes(f.buffers, world) * evaluations if method == "dense" else 0
+    if world == 1:
+        per_rank = [0]
+    elif method == "loft":
+        per_rank = [syncs * sum(loft_sync_bytes(setting.model, setting.groups, world, q, carry).values())
+                    for q in range(world)]
+    elif method == "dense":
+        per_rank = [syncs * sum(dense_step_bytes(setting.model).values()) + evals // world] * world
+    else:
+        per_rank = [syncs * sum(gpipe_rank_step_bytes(setting.batch, numels, q).values()) for q in range(world)]
+    fair = mb.fair_for_steps(steps) + evals
+    if sum(per_rank) != fair:
+        raise BenchError(f"{method}-{world}: the per-rank analytic bytes {per_rank} do not add up to {fair}")
+    return {"mb": mb, "syncs": syncs, "fair_run": fair, "fair_per_rank": per_rank, "eval_bytes": evals,
+            "paper_run": mb.paper_per_sync * syncs, "carry_momentum": carry}
+
+
+def run_one(setting: Setting, method: str, world: int, out: Path, timeout: float) -> dict:
+    from loft_hpc.checkpoint.h5file import read_run_file
+
+    run_dir = out / "runs" / f"{method}-{world}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # never resume an older job's checkpoint
+    probe_dir = run_dir / "probe"
+    cmd = [sys.executable, "-m", "loft_hpc.bench.probe", str(probe_dir), "loft_hpc.run", "--config", setting.config,
+           "--stage", "pretrain", *setting.overrides, *setting.method_args(method), f"output.dir={run_dir}"]
+    cmd = [str(MPIRUN), "-np", str(world), *cmd]
+    t0 = time.time()
+    p = run_job(cmd, job_env(), timeout)
+    job_seconds = time.time() - t0
+    (run_dir / "job.log").write_text(f"$ {' '.join(cmd)}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}")
+    if p.returncode != 0:
+        raise BenchError(f"{method}-{world} failed (exit {p.returncode}); the last lines:\n{p.stderr[-3000:]}")
+    rf = read_run_file(run_dir / "pretrain.h5")
+    probes = sorted((json.loads(f.read_text()) for f in probe_dir.glob("rank*.json")), key=lambda r: r["rank"])
+    if len(probes) != world:
+        raise BenchError(f"{method}-{world}: {len(probes)} of {world} ranks recorded their memory")
+    steps, wall, bpe = int(rf.progress["step"]), float(rf.progress["wall_time"]), int(rf.progress["batches_per_epoch"])
+    cuts, shapes = setting.boundaries(method, world)
+    numels = None if shapes is None else [math.prod(s) for s in shapes]
+    an = analytic(setting, method, world, steps, len(rf.metrics), numels)
+    mb = an["mb"]
+    if bpe != mb.steps_per_epoch:
+        raise BenchError(f"{method}-{world}: the run had {bpe} steps per epoch, the accounting says {mb.steps_per_epoch}")
+    epochs = Fraction(steps, bpe)
+    measured_rank = [sum(row_bytes(r) for r in rf.comm if int(r["rank"]) == q) for q in range(world)]
+    measured = sum(measured_rank)
+    seconds = [sum(float(r["seconds"]) for r in rf.comm if int(r["rank"]) == q) for q in range(world)]
+    timed = any(s > 0 for s in seconds) or measured == 0
+    images = steps * setting.batch * (1 if method == "gpipe" else world)
+    cuda = [p["cuda_max_allocated_bytes"] for p in probes]
+    return {
+        "method": method, "S": world, "steps": steps, "epochs": exact(epochs), "steps_per_epoch": bpe,
+        "syncs": an["syncs"], "steps_per_sync": mb.steps_per_sync, "evaluations": len(rf.metrics),
+        "images_per_epoch": mb.samples_per_epoch, "carry_momentum": an["carry_momentum"],
+        "pipeline_cuts": cuts, "boundary_shapes": shapes,
+        "fair_run_measured": measured, "fair_run_analytic": an["fair_run"], "fair_run_difference": measured - an["fair_run"],
+        "fair_per_rank_measured": measured_rank, "fair_per_rank_analytic": an["fair_per_rank"],
+        "per_rank_equal": measured_rank == an["fair_per_rank"],
+        "eval_bytes_analytic": an["eval_bytes"],
+        "fair_per_epoch_measured": exact(measured / epochs), "fair_per_epoch_analytic": exact(an["fair_run"] / epochs),
+        "fair_per_epoch_difference": exact((measured - an["fair_run"]) / epochs),
+        "fair_per_sync_analytic": mb.fair_per_sync, "fair_per_epoch_steady_analytic": exact(mb.fair_per_epoch),
+        "paper_run_analytic": an["paper_run"], "paper_per_epoch_analytic": exact(an["paper_run"] / epochs),
+        "paper_per_sync_analytic": mb.paper_per_sync, "paper_per_epoch_steady_analytic": exact(mb.paper_per_epoch),
+        "wall_seconds": wall, "wall_per_epoch": wall / float(epochs), "job_seconds": job_seconds,
+        "images_per_second_per_rank": images / wall / world if wall > 0 else None,
+        "comm_seconds_per_rank": seconds, "comm_timed": timed,
+        "comm_share": (sum(seconds) / world / wall) if timed and wall > 0 else None,
+        "peak_rss_bytes_per_rank": [p["maxrss_bytes"] for p in probes],
+        "peak_rss_bytes_max": max(p["maxrss_bytes"] for p in probes),
+        "cuda_max_allocated_bytes_per_rank": cuda if any(c is not None for c in cuda) else None,
+        "test_acc": rf.metrics[-1]["test_acc"] if rf.metrics else None,
+        "run_dir": str(run_dir),
+    }
+
+
+# ----------------------------------------------------------------------------------- LoFT's sub-network
+def flops(model, x) -> int:
+    """Multiply-accumulates of the conv and linear layers in one forward pass."""
+    import torch
+
+    total = [0]
+
+    def hook(m, _inp, out):
+        if isinstance(m, torch.nn.Conv2d):
+            total[0] += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, torch.nn.Linear):
+            total[0] += out.numel() * m.in_features
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hs:
+            h.remove()
+    return total[0]
+
+
+def _timed_steps(model, opt, x, y, n: int) -> float:
+    import torch.nn.functional as F
+
+    t0 = time.perf_counter()
+    for _ in range(n):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return (time.perf_counter() - t0) / n
+
+
+def subnetwork_step(setting: Setting, world: int, reps: int, blocks: int = 3) -> dict:
+    """One rank's LoFT sub-network (round 0's partition) against the full network on one core:
+    seconds per training step (alternating blocks of ``reps`` steps, the fastest block of each),
+    FLOPs and parameters."""
+    import copy
+
+    import torch
+
+    from loft_hpc.partition.plan import PartitionPlan
+    from loft_hpc.partition.slicing import TensorSlicer, subnetwork
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = copy.deepcopy(setting.model)
+        part = [g for g in setting.groups if g.partitioned]
+        plan = PartitionPlan.draw(setting.cfg.train.seed, 0, part, world)
+        sub = subnetwork(model, TensorSlicer(part), plan.keep(0))
+        b = setting.batch
+        x = torch.stack([setting.bundle.train[i][0] for i in range(b)])
+        y = torch.tensor([int(setting.bundle.train[i][1]) for i in range(b)])
+        nets = (model, sub)
+        opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in nets]
+        for m, o in zip(nets, opts):
+            m.train()
+            _timed_steps(m, o, x, y, 2)  # warm-up
+        best = [float("inf")] * 2
+        for _ in range(blocks):
+            for i, (m, o) in enumerate(zip(nets, opts)):
+                best[i] = min(best[i], _timed_steps(m, o, x, y, reps))
+        f_full, f_sub = flops(model, x[:1]), flops(sub, x[:1])
+        p_full = sum(p.numel() for p in model.parameters())
+        p_sub = sum(p.numel() for p in sub.parameters())
+    finally:
+        torch.set_num_threads(threads)
+    return {"S": world, "full_step_ms": 1e3 * best[0], "sub_step_ms": 1e3 * best[1], "speedup": best[0] / best[1],
+            "flops_full": f_full, "flops_sub": f_sub, "flops_ratio": f_full / f_sub, "params_ratio": p_sub / p_full}
+
+
+# ----------------------------------------------------------------------------------- tables
+def fmt_bytes(v: int | float) -> str:
+    return f"{v:,}" if isinstance(v, int) else f"{v:,.1f}"
+
+
+def fmt_mib(b: int | None) -> str:
+    return "-" if b is None else f"{b / 2**20:,.0f}"
+
+
+def headline(runs: list[dict]) -> list[dict]:
+    """LoFT-S against GPipe-S, bytes per epoch, for every S with both runs."""
+    out = []
+    by = {(r["method"], r["S"]): r for r in runs}
+    for s in sorted({r["S"] for r in runs}):
+        lo, gp = by.get(("loft", s)), by.get(("gpipe", s))
+        if lo is None or gp is None:
+            continue
+        for conv, key in (("fair (measured)", "fair_per_epoch_measured"), ("paper (analytic)", "paper_per_epoch_analytic")):
+            ratio = gp[key] / lo[key] if lo[key] else None
+            out.append({"S": s, "convention": conv, "gpipe": gp[key], "loft": lo[key], "gpipe_over_loft": ratio,
+                        "paper": PAPER_IMPROVEMENT.get(s)})
+    return out
+
+
+def markdown(res: dict) -> str:
+    from loft_hpc.bench.machine import one_line
+
+    L = [f"# LoFT, dense and GPipe pretraining side by side ({res['machine']['date']})", "",
+         f"Machine: {one_line(res['machine'])}. Load average after the jobs: "
+         f"{' '.join(f'{x:.2f}' for x in res['load_average_after']) if res['load_average_after'] else '-'}.", "",
+         f"Setting: {res['setting']}.", f"Config: {res['config']} with {' '.join(res['overrides'])}.", ""]
+    if res.get("skipped"):
+        L += [f"Not run: {res['skipped']}.", ""]
+    L += ["| method | S | epochs | images per epoch | fair bytes/epoch, measured | fair, analytic | measured - analytic "
+          "| paper-convention bytes/epoch | images/s per rank | wall s/epoch | comm share | peak RSS per rank, MiB (max) "
+          "| CUDA peak per rank, MiB (max) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        share = f"{r['comm_share']:.1%}" if r["comm_share"] is not None else "not timed"
+        cuda = max(r["cuda_max_allocated_bytes_per_rank"]) if r["cuda_max_allocated_bytes_per_rank"] else None
+        ips = r["images_per_second_per_rank"]
+        L.append(f"| {r['method']} | {r['S']} | {r['epochs']} | {r['images_per_epoch']:,} | "
+                 f"{fmt_bytes(r['fair_per_epoch_measured'])} | {fmt_bytes(r['fair_per_epoch_analytic'])} | "
+                 f"{fmt_bytes(r['fair_per_epoch_difference'])} | {fmt_bytes(r['paper_per_epoch_analytic'])} | "
+                 f"{'-' if ips is None else f'{ips:,.1f}'} | {r['wall_per_epoch']:,.2f} | {share} | "
+                 f"{fmt_mib(r['peak_rss_bytes_max'])} | {fmt_mib(cuda)} |")
+    L += ["", "Bytes: fair = sent + received summed over all ranks, as /comm records them (measured: every /comm row of "
+          "the job; analytic: loft_hpc/exchange/accounting.py for the same steps, plus the dense runs' BN averaging at "
+          "their evaluation); paper = the paper's convention (LoFT: a parameter server hands each worker its sub-network "
+          "of parameters, one direction; GPipe: activations forward + gradients backward at the S-1 cuts, once each; "
+          "dense: each worker handed the averaged gradient). Each method's own epoch: LoFT = every worker one pass over "
+          "the training set (S passes in total; K local steps between syncs), dense = one pass in total, GPipe = one "
+          "pass of the global batches through the pipeline.",
+          "Images/s per rank = training images processed by the whole job / training wall time / S. Wall time: the "
+          "training loop (/progress wall_time), without the final evaluation and file. Comm share: the ranks' mean "
+          "time inside counted collectives / wall; GPipe's point-to-point transfers are not timed (their /comm seconds "
+          "are 0). Peak RSS: each rank process's kernel high-water mark of resident memory (getrusage ru_maxrss, "
+          "recorded inside the rank), the largest rank; every rank in results.json.", ""]
+    gp = [r for r in res["runs"] if r["method"] == "gpipe"]
+    for r in gp:
+        L.append(f"GPipe-{r['S']}: stages begin at {', '.join(r['pipeline_cuts'])}; activation per sample at the cuts "
+                 f"{', '.join('x'.join(map(str, s)) for s in r['boundary_shapes'])}.")
+    if gp:
+        L.append("")
+    if res["headline"]:
+        L += ["## Headline: LoFT-S against GPipe-S, bytes per epoch", "",
+              "| S | convention | GPipe-S | LoFT-S | GPipe / LoFT | paper (PreResNet-34 CIFAR-10, paper convention) |",
+              "|---|---|---|---|---|---|"]
+        for h in res["headline"]:
+            ratio = "-" if h["gpipe_over_loft"] is None else f"{h['gpipe_over_loft']:.2f}x"
+            paper = "-" if h["paper"] is None else f"{h['paper']:.2f}x"
+            L.append(f"| {h['S']} | {h['convention']} | {fmt_bytes(h['gpipe'])} | {fmt_bytes(h['loft'])} | {ratio} | "
+                     f"{paper} |")
+        bk = res["batch"] * res["local_steps"]
+        L += ["", "Reading it: per epoch GPipe moves 2 x 4 B sum_c n_c per step (n/B steps) and LoFT 4 (P + S Sh) per sync "
+              "(n/(B K) syncs), so in the paper's convention GPipe / LoFT = 2 B K sum_c n_c / (P + S Sh): independent of "
+              "the data set's size and the epochs, proportional to B K and, at a fixed depth, to 1 / width (activations "
+              f"grow with the width, parameters with its square). Here B K = {res['batch']} x {res['local_steps']} = "
+              f"{bk}; the paper's table implies B K = 128 x 15.6 = 2000 (500 syncs for 20 epochs of 390 batches) at "
+              "width 64.", ""]
+    if res["subnetwork"]:
+        L += ["## LoFT: one rank's sub-network step against the full network (one core)", "",
+              "| S | full step, ms | sub-network step, ms | speed-up (full / sub) | FLOPs ratio (full / sub) "
+              "| params (sub / full) |", "|---|---|---|---|---|---|"]
+        for s in res["subnetwork"]:
+            L.append(f"| {s['S']} | {s['full_step_ms']:.1f} | {s['sub_step_ms']:.1f} | {s['speedup']:.3f} | "
+                     f"{s['flops_ratio']:.3f} | {s['params_ratio']:.3f} |")
+        L.append("")
+    cores = res["machine"]["cores"] or 1
+    if any(r["S"] > cores for r in res["runs"]):
+        L += [f"On this {cores}-core machine jobs with more than {cores} ranks are oversubscribed: their images/s per "
+              "rank, wall times and comm shares (which then include waiting for descheduled ranks) reflect that.", ""]
+    return "\n".join(L)
+
+
+# ----------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None):
+    ap = argparse.ArgumentParser(prog="tools/bench.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="base config (default: the package's default.yaml)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra config override for every job (repeatable)")
+    ap.add_argument("--tiny", action="store_true", help="the tiny setting of the tests instead of the CIFAR-shaped one")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--epochs", type=int, default=1, help="epochs per job (each method's own epoch)")
+    ap.add_argument("--local-steps", type=int, default=4, help="LoFT's K")
+    ap.add_argument("--microbatches", type=int, default=4, help="GPipe's micro-batches per global batch")
+    ap.add_argument("--balance", default="flops", choices=("flops", "params"), help="GPipe's stage balance")
+    ap.add_argument("--reps", type=int, default=5, help="timed steps per block for the sub-network step (0: skip)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds before a job is killed")
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="folder for results.md, results.json and the run files")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    from loft_hpc.bench.machine import describe, load_average
+    from loft_hpc.run import default_config_path
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = describe()
+    config = a.config or default_config_path()
+    setting = Setting(config, [*(TINY if a.tiny else CIFAR_SHAPED), *a.sets], a.epochs, a.local_steps,
+                      a.microbatches, a.balance)
+    methods = list(a.methods)
+    skipped = ""
+    if "gpipe" in methods and not gpipe_available():
+        methods.remove("gpipe")
+        skipped = "gpipe (train.method=gpipe is not in this checkout)"
+    print(f"bench: {setting.describe()}", flush=True)
+    runs = []
+    for s in a.ranks:
+        for m in methods:
+            print(f"bench: {m}-{s} ...", end=" ", flush=True)
+            r = run_one(setting, m, s, out, a.timeout)
+            runs.append(r)
+            print(f"{r['job_seconds']:.0f} s; fair bytes/epoch measured {fmt_bytes(r['fair_per_epoch_measured'])}, "
+                  f"analytic {fmt_bytes(r['fair_per_epoch_analytic'])}", flush=True)
+    after = load_average()
+    sub = []
+    if "loft" in methods and a.reps > 0:
+        for s in a.ranks:
+            if s > 1:
+                print(f"bench: LoFT-{s} sub-network step on one core ...", flush=True)
+                sub.append(subnetwork_step(setting, s, a.reps))
+    res = {"machine": machine, "load_average_after": after, "setting": setting.describe(), "config": config,
+           "overrides": setting.overrides, "skipped": skipped, "batch": setting.batch,
+           "local_steps": setting.local_steps, "microbatches": setting.microbatches,
+           "runs": runs, "headline": headline(runs), "subnetwork": sub}
+    md = markdown(res)
+    (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / "results.md").write_text(md + "\n")
+    print()
+    print(md)
+    print(f"bench: wrote {out / 'results.md'} and {out / 'results.json'}")
+    return 0

@@ -1,0 +1,131 @@
+"""``make bench`` (loft_hpc/bench/suite.py, tools/bench.py) on its tiny setting: LoFT-2, dense-2
+and, where this checkout has it, GPipe-2 under real mpirun, one epoch each.
+
+Asserted: every byte column equals the analytic formulas, recomputed here from the closed forms of
+loft_hpc/exchange/accounting.py and the models' float counts (not from the suite's own code
+path), and equals the sum of the run files' /comm columns; the Markdown table and the JSON exist
+and carry the same figures; the probe recorded every rank's memory. Speeds and times are not
+asserted (figures of a shared 2-core machine).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from loft_hpc.bench import suite
+from loft_hpc.bench.probe import launcher_rank
+from loft_hpc.checkpoint.h5file import read_run_file
+from loft_hpc.exchange.accounting import (dense_eval_bytes, dense_fair_step, dense_paper_step, gpipe_fair_step,
+                                          gpipe_paper_step, loft_fair_sync, loft_paper_sync, model_floats)
+from tests.mpi_util import need_mpirun
+
+TINY_STEPS = {"loft": 12, "dense": 6, "gpipe": 12}  # 192 images, batch 16: per rank / sharded / global
+
+
+def comm_total(path) -> tuple[int, list[int]]:
+    rf = read_run_file(path)
+    cols = ("allgather_sent", "allgather_received", "allreduce_sent", "allreduce_received", "p2p_sent", "p2p_received")
+    per = [sum(int(r.get(k, 0)) for r in rf.comm if int(r["rank"]) == q for k in cols) for q in range(rf.world_size)]
+    return sum(per), per
+
+
+def gpipe_numels(setting, world: int) -> list[int]:
+    """Per-sample activation sizes at the cuts of the FLOPs-balanced pipeline."""
+    from loft_hpc.models.pipeline import balanced_cuts, block_flops, boundary_shapes, pipeline_blocks
+
+    blocks = pipeline_blocks(setting.model)
+    sample = torch.zeros(1, setting.bundle.in_channels, setting.bundle.image_size, setting.bundle.image_size)
+    cuts = balanced_cuts(block_flops(blocks, sample), world)
+    return [math.prod(s) for s in boundary_shapes(blocks, cuts, sample)]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    need_mpirun()
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    try:
+        assert suite.main(["--tiny", "--ranks", "2", "--reps", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out, json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+
+
+def test_byte_columns_equal_the_analytic_formulas(bench):
+    out, res, _ = bench
+    methods = ["loft", "dense"] + (["gpipe"] if suite.gpipe_available() else [])
+    assert [(r["method"], r["S"]) for r in res["runs"]] == [(m, 2) for m in methods]
+    setting = suite.Setting(res["config"], suite.TINY, 1, 4, 4, "flops")
+    f = model_floats(setting.model, setting.groups)
+    B = 16
+    for r in res["runs"]:
+        m = r["method"]
+        steps = TINY_STEPS[m]
+        assert (r["steps"], r["steps_per_epoch"], r["epochs"], r["evaluations"]) == (steps, steps, 1, 1), r
+        if m == "loft":  # carry: parameters' momentum travels too; 12 steps of K = 4: 3 syncs
+            p, sh = f.loft_floats(True)
+            fair, paper = 3 * loft_fair_sync(p, sh, 2), 3 * loft_paper_sync(f.partitioned_params, f.shared_params, 2)
+        elif m == "dense":  # 6 steps, then the evaluation averages the BN statistics
+            fair, paper = 6 * dense_fair_step(f.params, 2) + dense_eval_bytes(f.buffers, 2), 6 * dense_paper_step(f.params, 2)
+        else:
+            n = gpipe_numels(setting, 2)
+            assert [math.prod(s) for s in r["boundary_shapes"]] == n
+            fair, paper = 12 * gpipe_fair_step(B, n), 12 * gpipe_paper_step(B, n)
+        assert fair > 0 and paper > 0
+        measured, per_rank = comm_total(f"{r['run_dir']}/pretrain.h5")
+        assert r["fair_run_measured"] == measured == fair == r["fair_run_analytic"], m
+        assert r["fair_per_epoch_measured"] == r["fair_per_epoch_analytic"] == fair and r["fair_per_epoch_difference"] == 0
+        assert r["fair_per_rank_measured"] == per_rank == r["fair_per_rank_analytic"] and r["per_rank_equal"]
+        assert r["paper_run_analytic"] == r["paper_per_epoch_analytic"] == paper
+        # the probe: one record per rank, the process's own peak resident memory
+        assert len(r["peak_rss_bytes_per_rank"]) == 2 and min(r["peak_rss_bytes_per_rank"]) > 10 * 2**20
+        assert r["peak_rss_bytes_max"] == max(r["peak_rss_bytes_per_rank"])
+        assert r["comm_timed"] == (m != "gpipe")
+
+
+def test_markdown_and_json_agree(bench):
+    out, res, md = bench
+    assert (out / "results.md").is_file() and (out / "results.json").is_file()
+    assert res["machine"]["cores"] and res["machine"]["torch"] == torch.__version__ and "Machine:" in md
+    rows = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 13 and cells[0] in suite.METHODS:
+            rows[(cells[0], int(cells[1]))] = cells
+    assert set(rows) == {(r["method"], r["S"]) for r in res["runs"]}
+    for r in res["runs"]:
+        c = rows[(r["method"], r["S"])]
+        assert c[3] == f"{r['images_per_epoch']:,}"
+        assert [int(x.replace(",", "")) for x in c[4:8]] == [
+            r["fair_per_epoch_measured"], r["fair_per_epoch_analytic"], r["fair_per_epoch_difference"],
+            r["paper_per_epoch_analytic"]]
+        assert c[10] == ("not timed" if r["comm_share"] is None else f"{r['comm_share']:.1%}")
+        assert c[11] == f"{r['peak_rss_bytes_max'] / 2**20:,.0f}"
+    heads = [h for h in res["headline"]]
+    if suite.gpipe_available():
+        assert [(h["S"], h["convention"]) for h in heads] == [(2, "fair (measured)"), (2, "paper (analytic)")]
+        gp, lo = rows[("gpipe", 2)], rows[("loft", 2)]
+        for h, col in zip(heads, (4, 7)):
+            assert h["gpipe"] == int(gp[col].replace(",", "")) and h["loft"] == int(lo[col].replace(",", ""))
+            assert re.search(rf"\| 2 \| {re.escape(h['convention'])} \| {h['gpipe']:,} \| {h['loft']:,} \| "
+                             rf"{h['gpipe_over_loft']:.2f}x \| 1.26x \|", md)
+    else:
+        assert heads == [] and "Not run: gpipe" in md
+    sub = res["subnetwork"]
+    assert [s["S"] for s in sub] == [2] and sub[0]["flops_ratio"] > 1
+    assert f"| 2 | {sub[0]['full_step_ms']:.1f} | {sub[0]['sub_step_ms']:.1f} | {sub[0]['speedup']:.3f} | " \
+           f"{sub[0]['flops_ratio']:.3f} |" in md
+
+
+def test_probe_rank_from_the_launcher(monkeypatch):
+    for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(v, raising=False)
+    assert launcher_rank() == 0
+    monkeypatch.setenv("PMI_RANK", "3")
+    assert launcher_rank() == 3
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    assert launcher_rank() == 1
