@@ -16,9 +16,11 @@ from loft_hpc.train.stream import batches_per_epoch, samples_per_rank  # the str
 def pretrain_shards(cfg: JobConfig) -> bool:
     """Whether pretraining splits the training set across ranks: always for the dense
     (data-parallel) baseline, for LoFT only with ``data.shard`` (the paper lets every rank
-    iterate the whole set). Retraining and IMP levels always shard. Mirrors the trainers
-    (:class:`loft_hpc.train.dense.DenseTrainer`, :class:`loft_hpc.train.loft.LoftTrainer`)."""
-    return cfg.train.method == "dense" or cfg.data.shard
+    iterate the whole set); never for GPipe (one stream of global batches feeds the pipeline).
+    Retraining and IMP levels always shard. Mirrors the trainers
+    (:class:`loft_hpc.train.dense.DenseTrainer`, :class:`loft_hpc.train.loft.LoftTrainer`,
+    :class:`loft_hpc.train.gpipe.GPipeTrainer`)."""
+    return cfg.train.method == "dense" or (cfg.data.shard and cfg.train.method == "loft")
 
 
 def _steps_text(step: Step, bpe: int) -> str:
@@ -78,6 +80,35 @@ def check_schedule_points(cfg: JobConfig, n_train: int, world: int, stages: list
         _check_before_end("retrain.milestones", r.milestones, r.duration, re_bpe, "retraining")
 
 
+def check_gpipe(cfg: JobConfig, model, bundle, world: int) -> None:
+    """GPipe's own checks: a model with a pipeline layout, at most one stage per block, equal
+    micro-batches, cut points that exist and split the blocks in order."""
+    import torch
+
+    from loft_hpc.models.pipeline import pipeline_blocks
+    from loft_hpc.train.gpipe import resolve_cuts
+
+    t = cfg.train
+    try:
+        blocks = pipeline_blocks(model)
+    except ValueError as e:
+        raise ConfigError(f"train.method=gpipe: model.arch={cfg.model.arch}: {e}") from None
+    if world > len(blocks):
+        raise ConfigError(f"train.method=gpipe: {world} ranks, but {cfg.model.arch} has only {len(blocks)} pipeline "
+                          f"blocks (one stage per rank, a residual block is never cut)")
+    if cfg.data.batch_size % t.microbatches:
+        raise ConfigError(f"train.microbatches={t.microbatches}: data.batch_size={cfg.data.batch_size} is not a "
+                          f"multiple of it (GPipe splits every batch into equal micro-batches)")
+    if cfg.data.shard:
+        raise ConfigError("data.shard: GPipe feeds one stream of global batches to the pipeline (no shards); "
+                          "set data.shard=false")
+    sample = torch.zeros(1, bundle.in_channels, bundle.image_size, bundle.image_size)
+    try:
+        resolve_cuts(cfg, blocks, world, sample)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def validate_job(cfg: JobConfig, world: int, stages: list[str]):
     """Returns the data bundle (loaded once here, reused by the stages)."""
     asked = "prune" if "prune" in stages else "snapshots"  # the stage named in messages about inputs
@@ -104,6 +135,8 @@ def validate_job(cfg: JobConfig, world: int, stages: list[str]):
         msg = check_partitionable(groups, world)
         if msg:
             raise ConfigError(f"train.method=loft: {msg}")
+    if cfg.train.method == "gpipe" and "pretrain" in stages:
+        check_gpipe(cfg, model, bundle, world)
     sharded = []
     if "pretrain" in stages:
         sharded.append(("pretraining", pretrain_shards(cfg)))

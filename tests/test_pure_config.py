@@ -75,7 +75,7 @@ def test_number_or_text():
 
 # ----------------------------------------------------------------------------- fields, sections
 def test_choice_and_range_messages():
-    assert err(["train.method=lofty"]) == "train.method: 'lofty' is not one of loft, dense (did you mean 'loft'?)"
+    assert err(["train.method=lofty"]) == "train.method: 'lofty' is not one of loft, dense, gpipe (did you mean 'loft'?)"
     assert err(["model.stem=qqq"]) == "model.stem: 'qqq' is not one of auto, cifar, imagenet"
     assert err(["train.lr=0"]) == "train.lr: 0.0 must be > 0 and finite"
     assert err(["train.momentum=1"]) == "train.momentum: 1.0 must be in [0, 1)"

@@ -421,7 +421,7 @@ def test_comm_table_cli(run_dir, tmp_path):
     for r in comm[comm["rank"] == 0]:
         for q in range(3):
             rows.append((r["round"], r["step"], q, r["allgather_sent"] * (q + 1), r["allgather_received"] + q,
-                         r["allreduce_sent"] + 7 * q, r["allreduce_received"] * (q + 2), r["seconds"]))
+                         r["allreduce_sent"] + 7 * q, r["allreduce_received"] * (q + 2), 0, 0, r["seconds"]))
     with h5py.File(multi, "r+") as f:
         dt = f["comm"].dtype
         del f["comm"]

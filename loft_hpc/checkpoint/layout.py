@@ -42,7 +42,9 @@
                               sample of the training set without augmentation (train.train_eval_samples);
                               test_*: the assembled model on the whole test set; bytes: all ranks, cumulative
     /comm                     compound (R*S,) growing: round, step, rank, allgather_sent,
-                              allgather_received, allreduce_sent, allreduce_received (bytes),
+                              allgather_received, allreduce_sent, allreduce_received, p2p_sent,
+                              p2p_received (bytes; p2p: GPipe's activations forward and gradients
+                              backward across stage boundaries; files written before it lack them: 0),
                               seconds (wall time this rank spent in those collectives)
     /sparsity                 compound per tensor: name, kept, total (ticket / retrain files)
     /coverage                 compound per sliced tensor: name, trained_fraction (LoFT pretraining):
@@ -78,6 +80,7 @@ METRIC_FIELDS = [("step", np.int64), ("round", np.int64), ("epoch", np.float64),
                  ("lr", np.float64), ("bytes_sent", np.int64), ("bytes_received", np.int64),
                  ("wall_time", np.float64)]
 COMM_FIELDS = [("round", np.int64), ("step", np.int64), ("rank", np.int64), ("allgather_sent", np.int64),
-               ("allgather_received", np.int64), ("allreduce_sent", np.int64), ("allreduce_received", np.int64), ("seconds", np.float64)]
+               ("allgather_received", np.int64), ("allreduce_sent", np.int64), ("allreduce_received", np.int64),
+               ("p2p_sent", np.int64), ("p2p_received", np.int64), ("seconds", np.float64)]
 SPARSITY_FIELDS = [("name", "S256"), ("kept", np.int64), ("total", np.int64)]
 COVERAGE_FIELDS = [("name", "S256"), ("trained_fraction", np.float64)]

@@ -64,7 +64,10 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = opt("loft", "pretraining method: loft (filter-wise partitions, K local steps, shard exchange) or dense (data parallel with hvd.DistributedOptimizer)", choices=("loft", "dense"))
+    method: str = opt("loft", "pretraining method: loft (filter-wise partitions, K local steps, shard exchange), dense (data parallel, gradients averaged every step) or gpipe (the model cut into S pipeline stages, one per rank, torch.distributed.pipelining's GPipe schedule over train.microbatches; the paper's baseline)", choices=("loft", "dense", "gpipe"))
+    microbatches: int = opt(4, "gpipe: micro-batches per step (data.batch_size must be a multiple); BN normalises per micro-batch", check=POS)
+    pipeline_cuts: list = opt([], "gpipe: where stages 2..S begin, as pipeline block names (e.g. [layer3.0] for S=2; blocks: stem, layer1.0, ..., head; a residual block is never cut inside); [] = balanced by train.pipeline_balance")
+    pipeline_balance: str = opt("params", "gpipe without pipeline_cuts: balance the stages by parameter count (params: the memory a stage holds) or by forward FLOPs (flops: its compute)", choices=("params", "flops"))
     local_steps: int = opt(15, "LoFT: K, local SGD steps between two exchanges (the paper's ImageNet script: 15)", check=POS)
     workers: int = opt(0, "ranks that pretraining must run on (LoFT: S, the number of workers the filters are partitioned among); a job with the pretrain stage on another number of ranks is refused (exit 2). 0 = any (S = the ranks of the job)", check=NONNEG)
     momentum_mode: str = opt("carry", "LoFT: optimizer momentum across rounds: carry (each filter's momentum travels with it, shared momentum averaged) or reset (the paper's release)", choices=("carry", "reset"))

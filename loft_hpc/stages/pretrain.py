@@ -23,6 +23,18 @@ def run_pretrain(ctx: Context, bundle) -> None:
         trainer = LoftTrainer(ctx, model, groups, lr_fn=lr_function(t), **kw)
         log(f"pretrain: LoFT-{ctx.dist.size}, K={t.local_steps}, momentum {t.momentum_mode}, "
             f"{sum(g.partitioned for g in groups)}/{len(groups)} filter groups partitioned", rank=ctx.dist.rank)
+    elif t.method == "gpipe":
+        import torch
+
+        from loft_hpc.train.gpipe import GPipeTrainer
+
+        sample = torch.zeros(1, bundle.in_channels, bundle.image_size, bundle.image_size)
+        trainer = GPipeTrainer(ctx, model, groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                               nesterov=t.nesterov, lr_fn=lr_function(t), sample=sample, **kw)
+        names = [n for n, _ in trainer.blocks]
+        log(f"pretrain: GPipe-{ctx.dist.size}, {t.microbatches} micro-batches of {cfg.data.batch_size // t.microbatches}, "
+            f"stages begin at {', '.join(names[lo] for lo, _ in trainer.ranges)}; activation per sample at each cut "
+            f"{trainer.boundary}", rank=ctx.dist.rank)
     else:
         trainer = DenseTrainer(ctx, model, groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                nesterov=t.nesterov, lr_fn=lr_function(t, ctx.dist.size), **kw)

@@ -78,7 +78,7 @@ def summary_table(paths: RunPaths, ratios: list[float], mask_from: str = "end", 
         m = pre.metrics[-1] if pre.metrics else {}
         nbytes = m.get("bytes_sent", 0) + m.get("bytes_received", 0)
         cfg = yaml.safe_load(pre.config_yaml)
-        method = "LoFT" if cfg["train"]["method"] == "loft" else "dense"
+        method = {"loft": "LoFT", "gpipe": "GPipe"}.get(cfg["train"]["method"], "dense")
         name = f"pretrained {method}-{pre.world_size} (unpruned)"
         lines.append(f"{name:<28} {m.get('test_acc', float('nan')):>9.4f} {0:>8.1%} {_gb(nbytes):>28}")
     for ratio in ratios:

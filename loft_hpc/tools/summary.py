@@ -232,11 +232,11 @@ def comm_lines(rf) -> list[str]:
     if not counted:
         out.append("  per rank: no /ranks counters in this file")
     if rf.comm:
-        s = {k: sum(int(r[k]) for r in rf.comm) for k in ("allgather_sent", "allgather_received", "allreduce_sent",
-                                                          "allreduce_received")}
-        out.append(f"  /comm ({len(rf.comm)} rows): allgather sent {_bytes(s['allgather_sent'])}, received "
-                   f"{_bytes(s['allgather_received'])}; allreduce sent {_bytes(s['allreduce_sent'])}, received "
-                   f"{_bytes(s['allreduce_received'])}")
+        kinds = ("allgather", "allreduce", "p2p")  # p2p: GPipe (files before it have no such columns)
+        s = {f"{k}_{d}": sum(int(r.get(f"{k}_{d}", 0)) for r in rf.comm) for k in kinds for d in ("sent", "received")}
+        out.append(f"  /comm ({len(rf.comm)} rows): " + "; ".join(
+            f"{k} sent {_bytes(s[k + '_sent'])}, received {_bytes(s[k + '_received'])}" for k in kinds
+            if k != "p2p" or s["p2p_sent"] or s["p2p_received"]))
     else:
         out.append("  /comm: no rows")
     return out

@@ -61,6 +61,7 @@ class RoundTrainer:
 
     stage = "pretrain"
     step_loss_name = "step_loss"  # LoFT: "sub_loss", the sub-networks' loss during the local steps
+    single_stream = False  # GPipe: every rank draws the same batches (one stream for the pipeline)
 
     def __init__(self, ctx: Context, model: torch.nn.Module, groups: list[FilterGroup], *, ckpt_stage: str,
                  final_path: Path, duration: Step, steps_per_round: int, lr_fn, shard: bool, identity: dict,
@@ -73,8 +74,10 @@ class RoundTrainer:
         d = self.cfg.data
         # shard: data-parallel stages split the training set (an epoch is one pass in total);
         # LoFT pretraining by default lets every rank iterate the whole set (the paper's code).
-        self.stream = BatchStream(ctx.train_set, d.batch_size, seed=self.cfg.train.seed, rank=self.dist.rank,
-                                  world=self.dist.size, shard=shard, num_workers=d.num_workers, device=self.dist.device)
+        one = self.single_stream
+        self.stream = BatchStream(ctx.train_set, d.batch_size, seed=self.cfg.train.seed, rank=0 if one else self.dist.rank,
+                                  world=1 if one else self.dist.size, shard=shard and not one,
+                                  num_workers=d.num_workers, device=self.dist.device)
         self.bpe = self.stream.batches_per_epoch
         self.total = duration.iterations(self.bpe)
         self.K = steps_per_round
@@ -169,6 +172,10 @@ class RoundTrainer:
     def on_fresh_start(self) -> None:
         """Hook: run once when the stage starts from scratch (not on resume), before step 0."""
 
+    def before_boundary(self) -> None:
+        """Hook, on every rank: make the full model current on every rank before a boundary that
+        snapshots, evaluates or saves (GPipe gathers its stages; the others hold it already)."""
+
     def before_eval(self) -> None:
         """Hook: make the model identical on every rank before it is evaluated or saved (dense:
         average the BN statistics; LoFT: recalibrate them). Runs inside :meth:`assembled`, which
@@ -241,6 +248,8 @@ class RoundTrainer:
         # Same decisions in the same order on every rank: they depend only on (prev, step).
         due = self.events.due(prev, self.step)
         last = self.step >= self.total
+        if due.snapshot or due.weight_labels or due.evaluate or due.checkpoint or last:
+            self.before_boundary()
         fired = self._snapshot() if due.snapshot else False
         # One collective per round agrees on the stop signal and, under train.stop_at_ticket, on
         # the ticket verdict (bit 1: some rank received a signal; 2: some rank's detection fired

@@ -6,7 +6,7 @@ and rank) and into this rank's running totals, which checkpoints keep per rank.
 """
 from __future__ import annotations
 
-KINDS = ("allgather", "allreduce")
+KINDS = ("allgather", "allreduce", "p2p")  # p2p: GPipe's activations and gradients across stage boundaries
 COLUMNS = tuple(f"{k}_{d}" for k in KINDS for d in ("sent", "received"))
 
 
@@ -32,8 +32,8 @@ class ByteLedger:
         elif any(vals.values()):
             self.pending.append({"round": round_, "step": step, "rank": self.rank, **vals, "seconds": c["seconds"]})
         self.seconds += c["seconds"]
-        self.sent += vals["allgather_sent"] + vals["allreduce_sent"]
-        self.received += vals["allgather_received"] + vals["allreduce_received"]
+        self.sent += sum(vals[f"{k}_sent"] for k in KINDS)
+        self.received += sum(vals[f"{k}_received"] for k in KINDS)
 
     def take_pending(self) -> list[dict]:
         rows, self.pending = self.pending, []

@@ -62,6 +62,7 @@ def gather_rank_states(tr, buffers: dict) -> list[dict] | None:
 
 
 def save_checkpoint(tr) -> None:
+    tr.before_boundary()  # every rank (e.g. a checkpoint for a stop signal at any round)
     ranks = gather_rank_states(tr, dict(tr.model.named_buffers()))
     if tr.dist.is_root:
         p = tr.ctx.paths.ckpt(tr.ckpt_stage, tr.step)

@@ -109,3 +109,29 @@ def start_horovod(dist: Dist) -> None:
 
         hvd.init(comm=dist.comm)
         assert hvd.rank() == dist.rank and hvd.size() == dist.size
+
+
+def torch_process_group(dist: Dist):
+    """A torch.distributed process group over the MPI ranks (GPipe's point-to-point transfers):
+    gloo on CPU, NCCL on CUDA. Rank 0 picks its host's address and a free port and broadcasts
+    them over MPI (a control message): no launcher or environment is needed. Made once per
+    process; None for a single rank."""
+    if dist.size == 1:
+        return None
+    import socket
+
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        addr = None
+        if dist.is_root:
+            host = socket.gethostbyname(socket.gethostname()) if dist.local_size < dist.size else "127.0.0.1"
+            with socket.socket() as s:
+                s.bind(("", 0))
+                addr = (host, s.getsockname()[1])
+        host, port = dist.comm.bcast(addr, root=0)  # control message: every rank, before the group exists
+        backend = "nccl" if dist.device.type == "cuda" else "gloo"
+        tdist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=dist.rank, world_size=dist.size,
+                                 device_id=dist.device if dist.device.type == "cuda" else None)
+    return tdist.group.WORLD
+

@@ -1,0 +1,190 @@
+"""GPipe pretraining: the model cut into S pipeline stages, one per rank (LOFT_SPEC 6c).
+
+Each step takes one global batch (``data.batch_size``; every rank draws the same batch from one
+stream: the first stage uses the images, the last the labels), splits it into
+``train.microbatches`` micro-batches and runs ``torch.distributed.pipelining``'s GPipe schedule:
+all forwards, then all backwards, the gradients summed over micro-batches and scaled by their
+number (``scale_grads``: the gradient of the batch mean, as one step of plain SGD on the whole
+batch). Every rank then updates its own stage's parameters with the same SGD as the other methods.
+BatchNorm normalises per micro-batch (torch has no deferred BN), so GPipe with M micro-batches
+trains like plain SGD with "ghost batches" of batch_size / M.
+
+Communication: activations forward and their gradients backward across the S-1 stage
+boundaries, point to point over a torch.distributed process group (gloo on CPU, NCCL on GPU)
+made from the MPI ranks. Every tensor a stage sends or receives is counted where the schedule
+asks the stage for its send/receive operations (:class:`CountedStage`), as kind ``p2p`` in
+``/comm``; the payloads are fixed by the cut points' activation shapes, which
+:func:`loft_hpc.exchange.accounting` turns into the analytic figure tests compare with.
+
+The stages are built in static mode (example input and output tensors from the cut shapes):
+no metadata-inference forward pass runs before the first step, so BN statistics and counts see
+only the real micro-batches.
+
+At a boundary that snapshots, evaluates or saves, every rank's stage state (parameters, buffers,
+momentum) is gathered to every rank over MPI (:meth:`GPipeTrainer.assemble`: not training
+traffic, not counted, as no method counts its checkpoint or evaluation plumbing), so evaluation,
+filter-score snapshots, ticket detection and the files are the shared code of the other methods.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loft_hpc.models.pipeline import (balanced_cuts, block_flops, block_params, boundary_shapes, pipeline_blocks,
+                                      stage_ranges)
+from loft_hpc.train.engine import RoundTrainer
+from loft_hpc.train.optim import make_sgd
+from loft_hpc.train.schedule import set_lr
+
+
+def resolve_cuts(cfg, blocks: list[tuple[str, nn.Module]], stages: int, sample: torch.Tensor) -> list[int]:
+    """Block indices where stages 2..S begin: ``train.pipeline_cuts`` (block names) or balanced."""
+    names = [n for n, _ in blocks]
+    t = cfg.train
+    if t.pipeline_cuts:
+        unknown = [c for c in t.pipeline_cuts if c not in names]
+        if unknown:
+            raise ValueError(f"train.pipeline_cuts: {unknown[0]!r} is not a pipeline block (blocks: {', '.join(names)})")
+        cuts = [names.index(c) for c in t.pipeline_cuts]
+        if len(cuts) != stages - 1:
+            raise ValueError(f"train.pipeline_cuts: {len(cuts)} cut(s) for {stages} stages (need {stages - 1})")
+        stage_ranges(len(blocks), cuts)  # in order, non-empty stages
+        return cuts
+    costs = block_params(blocks) if t.pipeline_balance == "params" else block_flops(blocks, sample)
+    return balanced_cuts(costs, stages)
+
+
+class CountedStage:
+    """Builds a ``PipelineStage`` whose send/receive operations are counted into ``counter``
+    (kind ``p2p``): the bytes of every tensor the schedule sends or receives."""
+
+    @staticmethod
+    def make(submodule, index: int, stages: int, device, input_args, output_args, group, counter):
+        from torch.distributed.pipelining import PipelineStage
+
+        class _Stage(PipelineStage):
+            def _count(self, ops, sent: bool):
+                n = sum(op.tensor.numel() * op.tensor.element_size() for op in ops)
+                counter.add("p2p", n if sent else 0, 0 if sent else n)
+                return ops
+
+            def get_fwd_send_ops(self, chunk):  # activations to the next stage
+                return self._count(super().get_fwd_send_ops(chunk), True)
+
+            def get_fwd_recv_ops(self, chunk):  # activations from the previous stage
+                return self._count(super().get_fwd_recv_ops(chunk), False)
+
+            def get_bwd_send_ops(self, chunk):  # gradients to the previous stage
+                return self._count(super().get_bwd_send_ops(chunk), True)
+
+            def get_bwd_recv_ops(self, chunk):  # gradients from the next stage
+                return self._count(super().get_bwd_recv_ops(chunk), False)
+
+        return _Stage(submodule, index, stages, device, input_args=input_args, output_args=output_args, group=group)
+
+
+class GPipeTrainer(RoundTrainer):
+    """One step per round; rank r trains stage r of the pipeline."""
+
+    single_stream = True  # every rank draws the same batches (first stage: images, last: labels)
+
+    def __init__(self, ctx, model, groups, *, lr: float, momentum: float, weight_decay: float,
+                 nesterov: bool = False, sample: torch.Tensor, **kw) -> None:
+        super().__init__(ctx, model, groups, steps_per_round=1, shard=False, **kw)
+        from loft_hpc.utils.dist import torch_process_group
+
+        t, S, r = self.cfg.train, self.dist.size, self.dist.rank
+        self.M = t.microbatches
+        self.blocks = pipeline_blocks(model)
+        self.cuts = resolve_cuts(self.cfg, self.blocks, S, sample)
+        self.ranges = stage_ranges(len(self.blocks), self.cuts)
+        lo, hi = self.ranges[r]
+        self.stage_module = nn.Sequential(*[m for _, m in self.blocks[lo:hi]])
+        own = {id(p) for p in self.stage_module.parameters()} | {id(b) for b in self.stage_module.buffers()}
+        self.owned = [n for n, v in model.state_dict(keep_vars=True).items() if id(v) in own]
+        self.owned_params = [n for n, p in model.named_parameters() if id(p) in own]
+        shapes = boundary_shapes(self.blocks, self.cuts, sample)
+        self.boundary = shapes
+        mb = self.cfg.data.batch_size // self.M
+        ins = [tuple(sample.shape[1:])] + shapes
+        outs = shapes + [(model.classifier.out_features,)]
+        dev = self.dist.device
+        self.group = torch_process_group(self.dist)
+        stage = CountedStage.make(self.stage_module, r, S, dev,
+                                  torch.empty(mb, *ins[r], device=dev, requires_grad=r > 0),
+                                  torch.empty(mb, *outs[r], device=dev, requires_grad=True),
+                                  self.group, self.coll.counter)
+        from torch.distributed.pipelining import ScheduleGPipe
+
+        self.schedule = ScheduleGPipe(stage, n_microbatches=self.M, loss_fn=F.cross_entropy, scale_grads=True)
+        self.opt = make_sgd(self.stage_module, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        self._full_momentum: dict[str, torch.Tensor] = {}
+        self._assembled_step = -1
+
+    # ------------------------------------------------------------------ training
+    def train_round(self, n_steps: int) -> None:
+        self.stage_module.train()
+        S, r = self.dist.size, self.dist.rank
+        for i in range(n_steps):
+            step = self.step + i
+            set_lr(self.opt, self.lr(step))
+            self.opt.zero_grad(set_to_none=True)
+            x, y = self.stream.batch(step)
+            if S == 1:
+                losses: list = []
+                out = self.schedule.step(x, target=y, losses=losses)
+            elif r == 0:
+                self.schedule.step(x)
+            elif r == S - 1:
+                losses = []
+                out = self.schedule.step(target=y, losses=losses)
+            else:
+                self.schedule.step()
+            if r == S - 1:  # the last stage sees the outputs: loss and accuracy of this step
+                with torch.no_grad():
+                    loss = torch.stack([lo.detach() for lo in losses]).double().mean()
+                    self.run_stats += torch.stack([loss * y.numel(), (out.argmax(1) == y).sum().double(),
+                                                   torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)])
+            self.opt.step()
+
+    # ------------------------------------------------------------------ the assembled model
+    def assemble(self) -> None:
+        """Every stage's current parameters, buffers and momentum on every rank (MPI, uncounted):
+        the full model for snapshots, evaluation and files. Once per step."""
+        if self._assembled_step == self.step or self.dist.size == 1:
+            if self.dist.size == 1:
+                self._full_momentum = self._own_momentum()
+            return
+        state = self.model.state_dict()
+        mine = ({n: state[n].detach().cpu() for n in self.owned}, self._own_momentum())
+        parts = self.dist.comm.allgather(mine)  # collective order: every rank, at assembling boundaries
+        with torch.no_grad():
+            for tensors, _ in parts:
+                for n, t in tensors.items():
+                    state[n].copy_(t.to(state[n].device))
+        self._full_momentum = {n: t for _, mom in parts for n, t in mom.items()}
+        self._assembled_step = self.step
+
+    def _own_momentum(self) -> dict[str, torch.Tensor]:
+        params = dict(self.model.named_parameters())
+        out = {}
+        for n in self.owned_params:
+            buf = self.opt.state.get(params[n], {}).get("momentum_buffer")
+            out[n] = buf.detach().cpu().clone() if buf is not None else torch.zeros_like(params[n], device="cpu")
+        return out
+
+    def before_boundary(self) -> None:
+        self.assemble()
+
+    def before_eval(self) -> None:
+        self.assemble()  # buffers are the stage owners' own: nothing to average or recalibrate
+
+    def momentum_state(self) -> dict[str, torch.Tensor]:
+        return self._full_momentum
+
+    def load_momentum(self, momentum: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        for n in self.owned_params:
+            if n in momentum:
+                self.opt.state[params[n]]["momentum_buffer"] = momentum[n].detach().clone().to(params[n].device)

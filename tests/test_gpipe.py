@@ -1,0 +1,132 @@
+"""GPipe pretraining on 2 real MPI ranks (torch.distributed.pipelining over gloo): the weights
+equal single-process SGD with gradient accumulation over the same micro-batches; the bytes across
+the stage boundary are counted exactly; the file goes through prune and retrain; a killed run
+resumes bit-exactly."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loft_hpc.checkpoint.h5file import read_run_file
+from loft_hpc.config import load_config
+from loft_hpc.data import build_datasets
+from loft_hpc.models.pipeline import boundary_shapes, pipeline_blocks
+from loft_hpc.stages.common import lr_function, make_model
+from loft_hpc.train.gpipe import resolve_cuts
+from loft_hpc.train.stream import BatchStream
+from tests.mpi_util import REPO, TINY, assert_same_run, ok, run_job
+
+# synthetic: 192 images, global batch 16 in 4 micro-batches of 4: 12 steps per epoch
+GP = TINY + ["train.method=gpipe", "train.microbatches=4", "train.duration=12it", "train.eval_every=6it",
+             "output.checkpoint_every=4it", "output.snapshot_every=4it", "train.seed=11", "train.lr=0.05",
+             "train.momentum=0.9", "train.weight_decay=5e-4", "train.schedule=cosine", "data.augment=true",
+             "prune.ratios=[0.5]", "retrain.duration=4it"]
+
+
+def _cfg(extra=()):
+    return load_config(str(REPO / "configs" / "default.yaml"), GP + list(extra))
+
+
+@pytest.fixture(scope="module")
+def gpipe_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpipe")
+    p = ok(run_job(2, ["--stage", "pretrain", *GP, f"output.dir={out}"]))
+    return out, p
+
+
+def _reference(cfg, steps: int):
+    """Single-process SGD on the same batches: each batch cut into the same micro-batches, their
+    mean losses' gradients accumulated and divided by their number; BN in training mode per
+    micro-batch (as the pipeline: every stage sees micro-batches)."""
+    bundle = build_datasets(cfg.data)
+    model = make_model(cfg, bundle)
+    model.train()
+    stream = BatchStream(bundle.train, cfg.data.batch_size, seed=cfg.train.seed, rank=0, world=1, shard=False)
+    t = cfg.train
+    opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    lr = lr_function(t)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr(step, steps, stream.batches_per_epoch)
+        opt.zero_grad()
+        x, y = stream.batch(step)
+        for xm, ym in zip(x.chunk(t.microbatches), y.chunk(t.microbatches)):
+            (F.cross_entropy(model(xm), ym) / t.microbatches).backward()
+        opt.step()
+    momentum = {n: opt.state[p]["momentum_buffer"] for n, p in model.named_parameters()}
+    return model, momentum
+
+
+def test_weights_equal_sgd_with_gradient_accumulation_over_the_micro_batches(gpipe_run):
+    out, p = gpipe_run
+    rf = read_run_file(out / "pretrain.h5")
+    model, momentum = _reference(_cfg(), 12)
+    ref = model.state_dict()
+    assert rf.progress["step"] == 12 and set(rf.model) == set(ref)
+    worst = max(float((rf.model[n].double() - ref[n].double()).abs().max()) for n in ref if ref[n].is_floating_point())
+    assert worst < 2e-5, worst
+    assert all(torch.equal(rf.model[n], ref[n]) for n in ref if not ref[n].is_floating_point())  # BN batch counts
+    # the momentum of both stages is in the file, equal to the reference optimiser's
+    assert set(rf.momentum) == set(momentum)
+    assert max(float((rf.momentum[n] - momentum[n]).abs().max()) for n in momentum) < 2e-5
+
+
+def test_boundary_bytes_are_counted_exactly(gpipe_run):
+    out, p = gpipe_run
+    rf = read_run_file(out / "pretrain.h5")
+    cfg = _cfg()
+    bundle = build_datasets(cfg.data)
+    model = make_model(cfg, bundle)
+    blocks = pipeline_blocks(model)
+    sample = torch.zeros(1, bundle.in_channels, bundle.image_size, bundle.image_size)
+    cuts = resolve_cuts(cfg, blocks, 2, sample)
+    (shape,) = boundary_shapes(blocks, cuts, sample)
+    per_step = cfg.data.batch_size * math.prod(shape) * 4  # one direction: the batch's activations (or gradients)
+    assert f"stages begin at stem, {blocks[cuts[0]][0]}" in p.stdout
+    rows = [r for r in rf.comm if r["round"] >= 1]
+    assert len(rows) == 2 * 12  # every rank, every step
+    for r in rows:
+        # rank 0 sends activations and receives gradients, rank 1 the opposite: both ways per step
+        assert (r["p2p_sent"], r["p2p_received"]) == (per_step, per_step), r
+        assert r["allgather_sent"] == r["allreduce_sent"] == 0
+    last = rf.metrics[-1]
+    assert last["bytes_sent"] == last["bytes_received"] == 2 * 12 * per_step
+    assert [st["bytes_sent"] for st in rf.ranks] == [12 * per_step] * 2
+
+
+def test_gpipe_pretraining_goes_through_prune_and_retrain(gpipe_run, tmp_path):
+    import shutil
+
+    src, _ = gpipe_run
+    out = tmp_path / "chain"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("ckpt"))
+    p = ok(run_job(2, ["--stage", "prune,retrain", *GP, f"output.dir={out}"]))
+    ticket, retrained = read_run_file(out / "tickets_p50.h5"), read_run_file(out / "retrain_p50.h5")
+    assert ticket.mask_attrs["mask_from_step"] == 12 and retrained.complete and retrained.progress["step"] == 4
+    assert "pretrained GPipe-2 (unpruned)" in p.stdout
+
+
+def test_killed_gpipe_resumes_bit_exactly(gpipe_run, tmp_path):
+    src, _ = gpipe_run
+    out = tmp_path / "killed"
+    p = run_job(2, ["--stage", "pretrain", *GP, f"output.dir={out}"], env={"LOFT_FAULT_INJECT": "1:6:pretrain:kill"})
+    assert p.returncode != 0 and not (out / "pretrain.h5").exists()
+    p = ok(run_job(2, ["--stage", "pretrain", *GP, f"output.dir={out}"]))
+    assert "resumed from" in p.stdout and "at step 4/12" in p.stdout
+    assert_same_run(read_run_file(src / "pretrain.h5"), read_run_file(out / "pretrain.h5"))
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["train.microbatches=3"], "train.microbatches=3: data.batch_size=16 is not a multiple"),
+    (["train.pipeline_cuts=[layer9.0]"], "train.pipeline_cuts: 'layer9.0' is not a pipeline block"),
+    (["train.pipeline_cuts=[layer2.0,layer3.0]"], "train.pipeline_cuts: 2 cut(s) for 2 stages"),
+    (["model.arch=conv2", "model.inner_width_factor=1"], "train.method=gpipe: model.arch=conv2: ConvNet has no pipeline layout (GPipe cuts the ResNets"),
+])
+def test_bad_gpipe_settings_one_line_exit_2(tmp_path, extra, needle):
+    p = run_job(2, ["--stage", "pretrain", *GP, *extra, f"output.dir={tmp_path / 'o'}"], timeout=120)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and needle in lines[0], p.stderr
