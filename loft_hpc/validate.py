@@ -93,6 +93,9 @@ def check_gpipe(cfg: JobConfig, model, bundle, world: int) -> None:
         blocks = pipeline_blocks(model)
     except ValueError as e:
         raise ConfigError(f"train.method=gpipe: model.arch={cfg.model.arch}: {e}") from None
+    if world < 2:
+        raise ConfigError("train.method=gpipe: needs at least 2 ranks (one pipeline stage per rank); on one rank "
+                          "use train.method=dense")
     if world > len(blocks):
         raise ConfigError(f"train.method=gpipe: {world} ranks, but {cfg.model.arch} has only {len(blocks)} pipeline "
                           f"blocks (one stage per rank, a residual block is never cut)")

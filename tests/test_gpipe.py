@@ -130,3 +130,18 @@ def test_bad_gpipe_settings_one_line_exit_2(tmp_path, extra, needle):
     p = run_job(2, ["--stage", "pretrain", *GP, *extra, f"output.dir={tmp_path / 'o'}"], timeout=120)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1 and needle in lines[0], p.stderr
+
+
+def test_gpipe_on_one_rank_is_refused_in_one_line(tmp_path):
+    p = run_job(0, ["--stage", "pretrain", *GP, f"output.dir={tmp_path / 'o'}"], timeout=120)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and lines == ["loft_hpc: error: train.method=gpipe: needs at least 2 ranks (one pipeline "
+                                           "stage per rank); on one rank use train.method=dense"], p.stderr
+
+
+def test_the_periodic_log_line_comes_from_the_last_stage(gpipe_run, tmp_path):
+    out = tmp_path / "log"
+    p = ok(run_job(2, ["--stage", "pretrain", *GP, "train.log_every=5", "train.eval_every=12it",
+                       f"output.dir={out}"]))
+    lines = [ln for ln in p.stdout.splitlines() if "pretrain step 5/12 round 5" in ln]
+    assert len(lines) == 1 and "rank-1 step_loss" in lines[0] and "step_loss 0.0000" not in lines[0], p.stdout

@@ -28,7 +28,7 @@ def run_pretrain(ctx: Context, bundle) -> None:
 
         from loft_hpc.train.gpipe import GPipeTrainer
 
-        sample = torch.zeros(1, bundle.in_channels, bundle.image_size, bundle.image_size)
+        sample = torch.zeros(1, bundle.in_channels, bundle.image_size, bundle.image_size, device=ctx.dist.device)
         trainer = GPipeTrainer(ctx, model, groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                nesterov=t.nesterov, lr_fn=lr_function(t), sample=sample, **kw)
         names = [n for n, _ in trainer.blocks]

@@ -371,7 +371,12 @@ def gpipe_analytic(rf, model, cfg) -> tuple[str, dict[int, int] | None]:
         from loft_hpc.train.gpipe import resolve_cuts
 
         blocks = pipeline_blocks(model)
-        size = int(cfg.data.image_size or (224 if cfg.data.name == "imagenet" else 32))
+        import importlib
+
+        from loft_hpc.data.datasets import REGISTRY
+
+        native = getattr(importlib.import_module(REGISTRY[cfg.data.name]), "NATIVE_SIZE", 32)
+        size = int(cfg.data.image_size or native)
         sample = torch.zeros(1, model.conv1.in_channels, size, size)
         cuts = resolve_cuts(cfg, blocks, world, sample)
         shapes = boundary_shapes(blocks, cuts, sample)

@@ -62,6 +62,7 @@ class RoundTrainer:
     stage = "pretrain"
     step_loss_name = "step_loss"  # LoFT: "sub_loss", the sub-networks' loss during the local steps
     single_stream = False  # GPipe: every rank draws the same batches (one stream for the pipeline)
+    stats_rank = 0         # the rank whose running loss the periodic log line shows (-1: the last)
 
     def __init__(self, ctx: Context, model: torch.nn.Module, groups: list[FilterGroup], *, ckpt_stage: str,
                  final_path: Path, duration: Step, steps_per_round: int, lr_fn, shard: bool, identity: dict,
@@ -274,10 +275,11 @@ class RoundTrainer:
             self.ledger.record(self.round, self.step)  # e.g. the dense BN averaging it needed
         if due.evaluate:
             self._eval_row()
-        elif due.log and self.dist.is_root:
+        elif due.log and self.dist.rank == self.stats_rank % self.dist.size:
             loss, correct, count = self.run_stats.cpu().tolist()
-            log(f"{self.ckpt_stage} step {self.step}/{self.total} round {self.round} rank-0 {self.step_loss_name} "
-                f"{loss / max(count, 1):.4f} acc {correct / max(count, 1):.4f} lr {self.lr(self.step - 1):.4g}")
+            log(f"{self.ckpt_stage} step {self.step}/{self.total} round {self.round} rank-{self.dist.rank} "
+                f"{self.step_loss_name} {loss / max(count, 1):.4f} acc {correct / max(count, 1):.4f} "
+                f"lr {self.lr(self.step - 1):.4g}", all_ranks=True)
         # at the last step the final file follows at once: a periodic checkpoint there would only
         # make a resume that skips the last evaluation's assembled state (a stop still writes one)
         if (due.checkpoint and not last) or stop:

@@ -24,6 +24,8 @@ At a boundary that snapshots, evaluates or saves, every rank's stage state (para
 momentum) is gathered to every rank over MPI (:meth:`GPipeTrainer.assemble`: not training
 traffic, not counted, as no method counts its checkpoint or evaluation plumbing), so evaluation,
 filter-score snapshots, ticket detection and the files are the shared code of the other methods.
+Every rank therefore holds the whole model (and, after a save, a CPU copy of all momentum): the
+pipeline splits the compute and the activations, not the memory of the weights, in this package.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from torch import nn
 
 from loft_hpc.models.pipeline import (balanced_cuts, block_flops, block_params, boundary_shapes, pipeline_blocks,
                                       stage_ranges)
+from loft_hpc.train import callbacks
 from loft_hpc.train.engine import RoundTrainer
 from loft_hpc.train.optim import make_sgd
 from loft_hpc.train.schedule import set_lr
@@ -88,6 +91,7 @@ class GPipeTrainer(RoundTrainer):
     """One step per round; rank r trains stage r of the pipeline."""
 
     single_stream = True  # every rank draws the same batches (first stage: images, last: labels)
+    stats_rank = -1       # the last stage sees the outputs: its running loss is the one to log
 
     def __init__(self, ctx, model, groups, *, lr: float, momentum: float, weight_decay: float,
                  nesterov: bool = False, sample: torch.Tensor, **kw) -> None:
@@ -131,10 +135,8 @@ class GPipeTrainer(RoundTrainer):
             set_lr(self.opt, self.lr(step))
             self.opt.zero_grad(set_to_none=True)
             x, y = self.stream.batch(step)
-            if S == 1:
-                losses: list = []
-                out = self.schedule.step(x, target=y, losses=losses)
-            elif r == 0:
+            callbacks.fire("step", self, step)
+            if r == 0:
                 self.schedule.step(x)
             elif r == S - 1:
                 losses = []
@@ -152,9 +154,7 @@ class GPipeTrainer(RoundTrainer):
     def assemble(self) -> None:
         """Every stage's current parameters, buffers and momentum on every rank (MPI, uncounted):
         the full model for snapshots, evaluation and files. Once per step."""
-        if self._assembled_step == self.step or self.dist.size == 1:
-            if self.dist.size == 1:
-                self._full_momentum = self._own_momentum()
+        if self._assembled_step == self.step:
             return
         state = self.model.state_dict()
         mine = ({n: state[n].detach().cpu() for n in self.owned}, self._own_momentum())
@@ -182,6 +182,13 @@ class GPipeTrainer(RoundTrainer):
 
     def momentum_state(self) -> dict[str, torch.Tensor]:
         return self._full_momentum
+
+    def _finish(self) -> None:
+        super()._finish()
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():  # the pipeline's group ends with pretraining (prune/retrain use MPI)
+            tdist.destroy_process_group()
 
     def load_momentum(self, momentum: dict[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())

@@ -125,7 +125,11 @@ def torch_process_group(dist: Dist):
     if not tdist.is_initialized():
         addr = None
         if dist.is_root:
-            host = socket.gethostbyname(socket.gethostname()) if dist.local_size < dist.size else "127.0.0.1"
+            # MASTER_ADDR when the site sets it (an interface other ranks reach); else this host's
+            # address (one node: loopback). The port is probed free; a race for it fails in one
+            # line on rank 0 (the job aborts), never hangs.
+            host = os.environ.get("MASTER_ADDR") or (
+                socket.gethostbyname(socket.getfqdn()) if dist.local_size < dist.size else "127.0.0.1")
             with socket.socket() as s:
                 s.bind(("", 0))
                 addr = (host, s.getsockname()[1])
