@@ -145,3 +145,26 @@ def test_the_periodic_log_line_comes_from_the_last_stage(gpipe_run, tmp_path):
                        f"output.dir={out}"]))
     lines = [ln for ln in p.stdout.splitlines() if "pretrain step 5/12 round 5" in ln]
     assert len(lines) == 1 and "rank-1 step_loss" in lines[0] and "step_loss 0.0000" not in lines[0], p.stdout
+
+
+def test_three_stages_with_given_cuts_middle_stage_counts_both_boundaries(tmp_path):
+    """S = 3 with train.pipeline_cuts: the middle stage receives activations and sends gradients
+    at the first cut, sends activations and receives gradients at the second; the weights still
+    equal SGD with gradient accumulation."""
+    out = tmp_path / "s3"
+    cuts = ["train.pipeline_cuts=[layer2.0,layer4.0]", "train.duration=6it", "train.eval_every=6it",
+            "output.checkpoint_every=6it"]
+    p = ok(run_job(3, ["--stage", "pretrain", *GP, *cuts, f"output.dir={out}"]))
+    assert "stages begin at stem, layer2.0, layer4.0" in p.stdout
+    cfg = _cfg(cuts)
+    bundle = build_datasets(cfg.data)
+    blocks = pipeline_blocks(make_model(cfg, bundle))
+    sample = torch.zeros(1, bundle.in_channels, bundle.image_size, bundle.image_size)
+    a, b = (cfg.data.batch_size * math.prod(s) * 4 for s in boundary_shapes(blocks, resolve_cuts(cfg, blocks, 3, sample), sample))
+    rf = read_run_file(out / "pretrain.h5")
+    expect = {0: (a, a), 1: (a + b, a + b), 2: (b, b)}  # (sent, received) per step
+    for r in (r for r in rf.comm if r["round"] >= 1):
+        assert (r["p2p_sent"], r["p2p_received"]) == expect[r["rank"]], r
+    model, _ = _reference(cfg, 6)
+    ref = model.state_dict()
+    assert max(float((rf.model[n].double() - ref[n].double()).abs().max()) for n in ref if ref[n].is_floating_point()) < 2e-5
