@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -11,6 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from loft_hpc.utils.procs import kill_session as _kill_session
+from loft_hpc.utils.procs import session_pids  # noqa: F401 - tests use it from here
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -60,44 +62,9 @@ def start_job(cmd: list[str], *, env: dict | None = None, **popen) -> subprocess
     return proc
 
 
-def session_pids(sid: int, name: str | None = None) -> list[int]:
-    """Live processes of session ``sid`` (from /proc: the session is field 6 of /proc/PID/stat),
-    only those whose command name is ``name`` when given."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                comm, _, rest = f.read().rpartition(")")
-            fields = rest.split()
-        except OSError:  # ended meanwhile
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z" and (name is None or comm.partition("(")[2] == name):
-            out.append(int(d))
-    return out
-
-
 def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL every process of the job's session (the leader's pid is the session id), reap the
-    leader. Repeated until none is left: a process may fork while the first ones are killed."""
-    for _ in range(50):
-        pids = session_pids(proc.pid)
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:
-            proc.wait(timeout=0.1)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
+    """Kill every process of the job's session and forget the job (:func:`loft_hpc.utils.procs.kill_session`)."""
+    _kill_session(proc)
     with _LIVE_LOCK:
         _LIVE.discard(proc)
 

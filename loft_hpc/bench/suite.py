@@ -47,12 +47,13 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from fractions import Fraction
 from pathlib import Path
+
+from loft_hpc.utils.procs import kill_session
 
 REPO = Path(__file__).resolve().parents[2]
 MPIRUN = REPO / "scripts" / "mpirun.sh"
@@ -68,7 +69,6 @@ COMMON = ["train.bn_recalibration=0", "train.progress=false", "train.log_every=1
           "output.snapshot_weights=[]", "output.snapshot_every=100000it", "output.checkpoint_every=100000it"]
 METHODS = ("loft", "dense", "gpipe")
 PAPER_IMPROVEMENT = {2: 1.26, 4: 3.20}  # LOFT_SPEC 6: PreResNet-34 CIFAR-10, GPipe-S / LoFT-S
-SESSION_KILL_ROUNDS = 50
 
 
 class BenchError(RuntimeError):
@@ -76,44 +76,6 @@ class BenchError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------- jobs
-def _session_pids(sid: int) -> list[int]:
-    """Live processes of session ``sid`` (field 6 of /proc/PID/stat)."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            out.append(int(d))
-    return out
-
-
-def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL every process of the job's session (mpirun.sh, mpirun and the ranks: this suite
-    started the session, its leader's pid is its id), then reap the leader."""
-    for _ in range(SESSION_KILL_ROUNDS):
-        pids = _session_pids(proc.pid) if os.path.isdir("/proc") else [proc.pid]
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:
-            proc.wait(timeout=0.1)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-
-
 def run_job(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
     """``cmd`` as the leader of a new session; on a timeout, an interrupt or an error the whole
     session is killed (no rank is left behind)."""
