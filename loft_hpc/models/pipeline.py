@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from loft_hpc.models.resnet import ResNetBase, head_forward, stem_forward
 
 
 class ResNetStem(nn.Module):
@@ -24,12 +25,7 @@ class ResNetStem(nn.Module):
         self.conv1, self.bn1, self.maxpool = model.conv1, model.bn1, model.maxpool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
-        if self.bn1 is not None:
-            x = F.relu(self.bn1(x))
-        if self.maxpool is not None:
-            x = self.maxpool(x)
-        return x
+        return stem_forward(self, x)
 
 
 class ResNetHead(nn.Module):
@@ -40,16 +36,12 @@ class ResNetHead(nn.Module):
         self.bn_final, self.classifier = model.bn_final, model.classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bn_final is not None:
-            x = F.relu(self.bn_final(x))
-        return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return head_forward(self, x)
 
 
 def pipeline_blocks(model) -> list[tuple[str, nn.Module]]:
     """(name, module) of the model's forward pass in order; composing them is ``model.forward``.
     ValueError for a model without a pipeline layout."""
-    from loft_hpc.models.resnet import ResNetBase
-
     if not isinstance(model, ResNetBase):
         raise ValueError(f"{type(model).__name__} has no pipeline layout (GPipe cuts the ResNets: "
                          f"preresnet18, preresnet34, resnet34)")

@@ -65,6 +65,23 @@ class BasicBlock(nn.Module):
         return F.relu(out + shortcut)
 
 
+def stem_forward(m, x: torch.Tensor) -> torch.Tensor:
+    """conv1 (+ bn1 + ReLU) (+ max-pool) of ``m`` (a ResNet, or a pipeline stem holding its modules)."""
+    x = m.conv1(x)
+    if m.bn1 is not None:
+        x = F.relu(m.bn1(x))
+    if m.maxpool is not None:
+        x = m.maxpool(x)
+    return x
+
+
+def head_forward(m, x: torch.Tensor) -> torch.Tensor:
+    """(bn_final + ReLU) + global average pool + classifier of ``m``."""
+    if m.bn_final is not None:
+        x = F.relu(m.bn_final(x))
+    return m.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 class ResNetBase(GroupedModel):
     """Stem, stages of ``block`` and classifier; ``preact`` selects the pre-activation layout.
 
@@ -106,16 +123,10 @@ class ResNetBase(GroupedModel):
         self.classifier = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
-        if self.bn1 is not None:
-            x = F.relu(self.bn1(x))
-        if self.maxpool is not None:
-            x = self.maxpool(x)
+        x = stem_forward(self, x)
         for name in self.stage_names:
             x = getattr(self, name)(x)
-        if self.bn_final is not None:
-            x = F.relu(self.bn_final(x))
-        return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return head_forward(self, x)
 
     def filter_groups(self) -> list[FilterGroup]:
         groups = []
