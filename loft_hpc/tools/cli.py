@@ -25,7 +25,7 @@ EXIT_USAGE = 2
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser with every command's arguments, or only those of ``only`` (a command name:
     the other modules are not imported)."""
-    p = argparse.ArgumentParser(prog="loft-tools", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="loft-tools", description=__doc__.splitlines()[0].replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="exit status: 0 done, 2 bad command line or input file (one line on stderr)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)

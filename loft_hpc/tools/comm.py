@@ -196,24 +196,30 @@ def fair_rows(loft: list[dict]) -> list[dict]:
     return out
 
 
+def _print_by_setting(head: str, rows: list[dict], line) -> None:
+    """A table: the header, a rule, then ``line(row)`` for every row, a blank line between settings."""
+    print(head)
+    print("-" * len(head))
+    last = None
+    for r in rows:
+        if last is not None and r["setting"] != last:
+            print()
+        last = r["setting"]
+        print(line(r))
+
+
 def print_paper() -> None:
     print(f"GPipe reconstruction (LOFT_SPEC section 6): {EPOCHS} epochs x samples (CIFAR {SAMPLES['cifar']:,}, "
           f"ImageNet {SAMPLES['imagenet']:,}) x 2 x 4 bytes x sum of boundary activations;")
     print("G = 10^9 bytes (err G); the same bytes in GiB = 2^30 (err GiB). Paper LoFT figures for comparison.")
     head = (f"{'setting':<23} {'S':>1} {'boundary activations':<34} {'cut':<20} {'floats':>7} {'recon G':>9} "
             f"{'paper G':>9} {'err G':>7} {'recon GiB':>9} {'err GiB':>7}  {'LoFT G':>7} {'paper x':>7} {'recon x':>7}")
-    print(head)
-    print("-" * len(head))
     rows = paper_rows()
-    last = None
-    for r in rows:
-        if last is not None and r["setting"] != last:
-            print()
-        last = r["setting"]
-        print(f"{r['setting']:<23} {r['S']:>1} {r['shapes']:<34} {r['boundaries']:<20} {r['boundary_numel']:>7} "
-              f"{r['G']:>9.2f} {r['paper_gpipe_G']:>9.2f} {100 * r['err_G']:>+6.2f}% {r['GiB']:>9.2f} "
-              f"{100 * r['err_GiB']:>+6.2f}%  {r['paper_loft_G']:>7.2f} {r['paper_improvement']:>7} "
-              f"{r['improvement_recon']:>6.2f}x")
+    _print_by_setting(head, rows, lambda r: (
+        f"{r['setting']:<23} {r['S']:>1} {r['shapes']:<34} {r['boundaries']:<20} {r['boundary_numel']:>7} "
+        f"{r['G']:>9.2f} {r['paper_gpipe_G']:>9.2f} {100 * r['err_G']:>+6.2f}% {r['GiB']:>9.2f} "
+        f"{100 * r['err_GiB']:>+6.2f}%  {r['paper_loft_G']:>7.2f} {r['paper_improvement']:>7} "
+        f"{r['improvement_recon']:>6.2f}x"))
     print("\nerr = recon / paper - 1; recon x = reconstructed GPipe / the paper's LoFT bytes; "
           "paper x = the paper's improvement column.")
     s2 = [r for r in rows if r["S"] == 2]
@@ -265,17 +271,11 @@ def print_loft_paper() -> None:
           f"hands each worker its sub-network (P/S + Sh), one direction.")
     head = (f"{'setting':<23} {'method':<6} {'P':>11} {'Sh':>10} {'per sync MB':>11} {'paper G':>9} {'implied syncs':>13} "
             f"{'syncs':>5} {'recon G':>9} {'err G':>7} {'+BN err':>7} | {'release syncs':>13} {'recon G':>9} {'err':>7}")
-    print(head)
-    print("-" * len(head))
-    last = None
-    for r in rows:
-        if last is not None and r["setting"] != last:
-            print()
-        last = r["setting"]
-        print(f"{r['setting']:<23} LoFT-{r['S']:<1} {r['P']:>11,} {r['Sh']:>10,} {r['per_sync'] / 1e6:>11.3f} "
-              f"{r['paper_G']:>9.2f} {r['implied_syncs']:>13.3f} {r['syncs']:>5} {r['G']:>9.2f} "
-              f"{100 * r['err_G']:>+6.3f}% {100 * r['err_with_bn']:>+6.2f}% | {r['release_syncs']:>13} "
-              f"{r['release_G']:>9.2f} {100 * r['err_release']:>+6.1f}%")
+    _print_by_setting(head, rows, lambda r: (
+        f"{r['setting']:<23} LoFT-{r['S']:<1} {r['P']:>11,} {r['Sh']:>10,} {r['per_sync'] / 1e6:>11.3f} "
+        f"{r['paper_G']:>9.2f} {r['implied_syncs']:>13.3f} {r['syncs']:>5} {r['G']:>9.2f} "
+        f"{100 * r['err_G']:>+6.3f}% {100 * r['err_with_bn']:>+6.2f}% | {r['release_syncs']:>13} "
+        f"{r['release_G']:>9.2f} {100 * r['err_release']:>+6.1f}%"))
     for fam in SAMPLES:
         sel = [r for r in rows if r["family"] == fam]
         lo, hi = min(r["implied_syncs"] for r in sel), max(r["implied_syncs"] for r in sel)
