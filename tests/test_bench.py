@@ -3,7 +3,8 @@ and, where this checkout has it, GPipe-2 under real mpirun, one epoch each.
 
 Asserted: every byte column equals the analytic formulas, recomputed here from the closed forms of
 loft_hpc/exchange/accounting.py and the models' float counts (not from the suite's own code
-path), and equals the sum of the run files' /comm columns; the Markdown table and the JSON exist
+path), and equals the link rule applied to the run files' /comm columns (each rank's payload
+equals its analytic count too); the Markdown table and the JSON exist
 and carry the same figures; the probe recorded every rank's memory. Speeds and times are not
 asserted (figures of a shared 2-core machine).
 """
@@ -27,10 +28,16 @@ TINY_STEPS = {"loft": 12, "dense": 6, "gpipe": 12}  # 192 images, batch 16: per 
 
 
 def comm_total(path) -> tuple[int, list[int]]:
+    """(bytes over all links, each rank's payload sent + received) of a run file's /comm rows; the
+    link rule written out here: allgather (S-1) x sent, allreduce 2 (S-1)/S x sent, p2p sent."""
     rf = read_run_file(path)
     cols = ("allgather_sent", "allgather_received", "allreduce_sent", "allreduce_received", "p2p_sent", "p2p_received")
     per = [sum(int(r.get(k, 0)) for r in rf.comm if int(r["rank"]) == q for k in cols) for q in range(rf.world_size)]
-    return sum(per), per
+    S = rf.world_size
+    tot = {k: sum(int(r.get(k, 0)) for r in rf.comm) for k in cols}
+    links = (S - 1) * tot["allgather_sent"] + 2 * (S - 1) * tot["allreduce_sent"] / S + tot["p2p_sent"]
+    assert links == int(links)
+    return int(links), per
 
 
 def gpipe_numels(setting, world: int) -> list[int]:
@@ -79,7 +86,7 @@ def test_byte_columns_equal_the_analytic_formulas(bench):
         measured, per_rank = comm_total(f"{r['run_dir']}/pretrain.h5")
         assert r["fair_run_measured"] == measured == fair == r["fair_run_analytic"], m
         assert r["fair_per_epoch_measured"] == r["fair_per_epoch_analytic"] == fair and r["fair_per_epoch_difference"] == 0
-        assert r["fair_per_rank_measured"] == per_rank == r["fair_per_rank_analytic"] and r["per_rank_equal"]
+        assert r["payload_per_rank_measured"] == per_rank == r["payload_per_rank_analytic"] and r["per_rank_equal"]
         assert r["paper_run_analytic"] == r["paper_per_epoch_analytic"] == paper
         # the probe: one record per rank, the process's own peak resident memory
         assert len(r["peak_rss_bytes_per_rank"]) == 2 and min(r["peak_rss_bytes_per_rank"]) > 10 * 2**20

@@ -463,3 +463,6 @@ def test_stage_all_ends_with_the_summary_table(structured_p50, tmp_path):
         pruned = 1 - sum(int(m.sum()) for m in rf.masks.values()) / sum(m.numel() for m in rf.masks.values())
         assert float(rows[f"{r}%"][4].rstrip("%")) == pytest.approx(100 * pruned, abs=0.05), (table, pruned)
         assert abs(100 * pruned - r) < 2.0, pruned
+        # bytes over all links, from the file's /comm rows (2 ranks: every payload byte sent crosses one link)
+        links = sum(int(c["allgather_sent"]) + int(c["allreduce_sent"]) for c in rf.comm)
+        assert " ".join(rows[f"{r}%"][5:7]) == (f"{links / 1e9:.4f} GB" if links >= 1e7 else f"{links / 1e6:.3f} MB")

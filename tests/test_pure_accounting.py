@@ -103,7 +103,7 @@ def test_gpipe_bytes(epochs, samples, boundaries, want):
 
 
 # ------------------------------------------------------------------------------------------
-# Both conventions (fair: sent + received over all ranks, as /comm counts; paper: LOFT_SPEC 6a),
+# Both conventions (fair: over all links, each byte once per link it crosses; paper: LOFT_SPEC 6a),
 # per sync, per step and per epoch, against hand counts on Tiny.
 #
 # Tiny with groups(): partitioned tensors (g1 and g2 are dealt; g3 is shared)
@@ -118,9 +118,9 @@ def test_gpipe_bytes(epochs, samples, boundaries, want):
 from fractions import Fraction  # noqa: E402
 
 from loft_hpc.exchange.accounting import (  # noqa: E402
-    MethodBytes, ModelFloats, dense_eval_bytes, dense_fair_step, dense_paper_step, gpipe_fair_step,
-    gpipe_paper_step, gpipe_rank_step_bytes, loft_fair_sync, loft_fair_sync_bytes, loft_paper_sync, method_bytes,
-    model_floats, steps_per_epoch)
+    MethodBytes, ModelFloats, comm_link_bytes, dense_eval_bytes, dense_eval_rank_bytes, dense_fair_step,
+    dense_paper_step, gpipe_fair_step, gpipe_paper_step, gpipe_rank_step_bytes, link_bytes, loft_fair_sync,
+    loft_fair_sync_bytes, loft_paper_sync, method_bytes, model_floats, steps_per_epoch)
 
 
 def g2_only():
@@ -155,20 +155,37 @@ def test_model_floats_of_the_paper_model():
     assert f.shared == 9_935_050  # LOFT_SPEC 6a: 9.94M
 
 
-def test_loft_fair_sync_equals_the_sum_of_the_ranks_comm_columns():
+def test_link_bytes_rule():
+    # allgather: every rank's input reaches the S-1 others; uneven inputs 3 + 5 + 8 on 3 ranks
+    assert link_bytes(3, 16, 0, 0) == 2 * 16
+    # allreduce of n floats: 2 (S-1) n over all links; the payload sent sums to S n
+    assert link_bytes(4, 0, 4 * 40, 0) == 2 * 3 * 40
+    # point-to-point: each byte crosses one link
+    assert link_bytes(2, 0, 0, 288) == 288
+    assert link_bytes(1, 100, 100, 100) == 0
+    with pytest.raises(ValueError, match="not the same on every rank"):
+        link_bytes(4, 0, 41, 0)
+    rows = [{"allgather_sent": 8, "allreduce_sent": 20, "p2p_sent": 0},
+            {"allgather_sent": 4, "allreduce_sent": 20},  # a file without p2p columns reads them as 0
+            {"allgather_sent": 0, "allreduce_sent": 20, "p2p_sent": 6}]
+    assert comm_link_bytes(rows, 3) == 2 * 12 + 2 * 2 * 20 + 6
+
+
+def test_loft_fair_sync_equals_the_link_rule_on_the_ranks_comm_columns():
     m = Tiny()
-    # one-dim slicing: 4 S (P' + 2 Sh'), the closed form, equals the ranks' columns summed
-    # S = 2, reset: each rank sends its shard 72 and receives the other 72, sends and receives 37
-    #   -> 2 x 4 x (72 + 72 + 37 + 37) = 1744 = 4 x 2 x (144 + 2 x 37)
-    assert loft_fair_sync(144, 37, 2) == 1744 == loft_fair_sync_bytes(m, g2_only(), 2, False)
-    # carry: P' = 288, Sh' = 66 -> 4 x 2 x (288 + 132) = 3360
-    assert loft_fair_sync(288, 66, 2) == 3360 == loft_fair_sync_bytes(m, g2_only(), 2, True)
-    # S = 3: g2's 6 filters, 2 each: shard = conv2 2 x 4 + fc 5 x 8 = 48, all shards 144
-    #   -> 3 x 4 x (48 + 96 + 37 + 37) = 2616 = 4 x 3 x (144 + 74)
-    assert loft_fair_sync(144, 37, 3) == 2616 == loft_fair_sync_bytes(m, g2_only(), 3, False)
-    # two-dim slicing (conv2.weight between g1 and g2): the shards cover only the diagonal blocks,
-    # so the closed form over-counts; the exact count is the ranks' columns: 2 x 4 x (82 + 82 + 5 + 5)
-    assert loft_fair_sync_bytes(m, groups(), 2, False) == 1392 < loft_fair_sync(176, 5, 2) == 1488
+    # one-dim slicing: 4 (S-1) (P' + 2 Sh'), the closed form, equals the link rule on the ranks' columns
+    # S = 2, reset: the shards (72 + 72) each cross one link, the 37 shared floats 2 (S-1) = 2 links
+    #   -> 4 x (144 + 2 x 37) = 872 (at S = 2 the paper's P + S Sh as well)
+    assert loft_fair_sync(144, 37, 2) == 872 == loft_fair_sync_bytes(m, g2_only(), 2, False)
+    assert loft_paper_sync(144, 37, 2) == 872
+    # carry: P' = 288, Sh' = 66 -> 4 x (288 + 132) = 1680
+    assert loft_fair_sync(288, 66, 2) == 1680 == loft_fair_sync_bytes(m, g2_only(), 2, True)
+    # S = 3: g2's 6 filters, 2 each: shard = conv2 2 x 4 + fc 5 x 8 = 48, all shards 144, each
+    # reaching 2 others; the shared 37 cross 2 x 2 links -> 4 x (2 x 144 + 4 x 37) = 1744
+    assert loft_fair_sync(144, 37, 3) == 1744 == loft_fair_sync_bytes(m, g2_only(), 3, False)
+    # two-dim slicing (conv2.weight between g1 and g2): the shards cover only the diagonal blocks
+    # (82 floats each), so the closed form over-counts; exact: 4 x (82 + 82 + 2 x 5)
+    assert loft_fair_sync_bytes(m, groups(), 2, False) == 696 < loft_fair_sync(176, 5, 2) == 744
     for s in (0, 1):
         assert loft_fair_sync(144, 37, s) == 0
     assert loft_fair_sync_bytes(m, g2_only(), 1, True) == 0
@@ -185,12 +202,15 @@ def test_paper_convention_per_sync():
 
 
 def test_dense_fair_and_evaluation():
-    # every rank sends and receives N: 2 ranks x 2 x 4 x 173
-    assert dense_fair_step(173, 2) == 2768 == 2 * sum(dense_step_bytes(Tiny()).values())
-    assert dense_fair_step(173, 4) == 5536
+    # the ring allreduce of N = 173 gradients: 2 (S-1) N floats over all links
+    per_rank = dense_step_bytes(Tiny())
+    assert per_rank == {"allreduce_sent": 4 * 173, "allreduce_received": 4 * 173}
+    assert dense_fair_step(173, 2) == 4 * 2 * 173 == 1384 == link_bytes(2, 0, 2 * per_rank["allreduce_sent"], 0)
+    assert dense_fair_step(173, 4) == 4 * 2 * 3 * 173 == 4152 == link_bytes(4, 0, 4 * per_rank["allreduce_sent"], 0)
     assert dense_fair_step(173, 1) == 0
-    # an evaluation averages the 8 BN statistics: 2 ranks x 2 x 4 x 8
-    assert dense_eval_bytes(8, 2) == 128 and dense_eval_bytes(8, 1) == 0
+    # an evaluation averages the 8 BN statistics: 2 (S-1) x 8 floats
+    assert dense_eval_rank_bytes(Tiny()) == {"allreduce_sent": 32, "allreduce_received": 32}
+    assert dense_eval_bytes(8, 2) == 64 and dense_eval_bytes(8, 4) == 192 and dense_eval_bytes(8, 1) == 0
 
 
 def test_gpipe_per_rank_fair_and_paper():
@@ -203,8 +223,10 @@ def test_gpipe_per_rank_fair_and_paper():
                    {"p2p_sent": 84, "p2p_received": 84}]
     # paper: activation forward + gradient backward, once each: 2 x 4 x 3 x 12 = 288 = all sent
     assert gpipe_paper_step(3, [5, 7]) == 288 == sum(p["p2p_sent"] for p in per)
-    # fair: sent + received = 2 x 288
-    assert gpipe_fair_step(3, [5, 7]) == 576 == sum(sum(p.values()) for p in per)
+    # fair: each byte crosses its boundary's link once = the paper's count (the payload, sent +
+    # received, is twice that)
+    assert gpipe_fair_step(3, [5, 7]) == 288 == link_bytes(3, 0, 0, sum(p["p2p_sent"] for p in per))
+    assert sum(sum(p.values()) for p in per) == 2 * 288
     assert gpipe_fair_step(3, []) == gpipe_paper_step(3, []) == 0
     assert gpipe_rank_step_bytes(3, [], 0) == {"p2p_sent": 0, "p2p_received": 0}
     with pytest.raises(ValueError):
@@ -234,22 +256,22 @@ def test_method_bytes_per_sync_step_epoch():
     # LoFT on 2 ranks, K = 5, batch 8, 100 samples: 12 steps per epoch, 12/5 syncs
     lo = method_bytes("loft", m, g2_only(), world=2, batch=8, n_train=100, local_steps=5, carry_momentum=True)
     assert (lo.steps_per_epoch, lo.steps_per_sync, lo.samples_per_epoch) == (12, 5, 2 * 96)
-    assert lo.fair_per_sync == 3360
+    assert lo.fair_per_sync == 1680
     assert lo.paper_per_sync == 4 * (144 + 2 * 29) == 808  # parameters only: no BN statistics, no momentum
     assert lo.syncs_per_epoch == Fraction(12, 5)
-    assert lo.fair_per_step == Fraction(3360, 5) and lo.paper_per_step == Fraction(808, 5)
-    assert lo.fair_per_epoch == Fraction(3360 * 12, 5) and lo.paper_per_epoch == Fraction(808 * 12, 5)
-    assert lo.fair_for_steps(12) == 3 * 3360  # rounds of 5, 5, 2 steps
-    assert lo.fair_for_steps(10) == 2 * 3360
+    assert lo.fair_per_step == Fraction(1680, 5) and lo.paper_per_step == Fraction(808, 5)
+    assert lo.fair_per_epoch == Fraction(1680 * 12, 5) and lo.paper_per_epoch == Fraction(808 * 12, 5)
+    assert lo.fair_for_steps(12) == 3 * 1680  # rounds of 5, 5, 2 steps
+    assert lo.fair_for_steps(10) == 2 * 1680
     # dense on 2 ranks: 50 samples each, 6 steps per epoch, one sync per step
     de = method_bytes("dense", m, g2_only(), world=2, batch=8, n_train=100)
     assert (de.steps_per_epoch, de.steps_per_sync, de.samples_per_epoch) == (6, 1, 96)
-    assert de.fair_per_epoch == 6 * 2768 and de.paper_per_epoch == 6 * 1384
+    assert de.fair_per_epoch == 6 * 1384 and de.paper_per_epoch == 6 * 1384  # equal at S = 2 only
     # GPipe on 3 stages: the global batch 8 through the pipeline, 12 steps per epoch
     gp = method_bytes("gpipe", m, g2_only(), world=3, batch=8, n_train=100, boundary_numels=[5, 7])
     assert (gp.steps_per_epoch, gp.samples_per_epoch) == (12, 96)
-    assert gp.fair_per_sync == 4 * 2 * 2 * 8 * 12 and gp.paper_per_sync == 4 * 2 * 8 * 12
-    assert gp.fair_per_epoch == 12 * 1536 and gp.fair_per_epoch == 2 * gp.paper_per_epoch
+    assert gp.fair_per_sync == gp.paper_per_sync == 4 * 2 * 8 * 12
+    assert gp.fair_per_epoch == 12 * 768 == gp.paper_per_epoch
     with pytest.raises(ValueError):
         method_bytes("gpipe", m, g2_only(), world=3, batch=8, n_train=100, boundary_numels=[5])
     assert isinstance(gp, MethodBytes)

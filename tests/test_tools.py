@@ -421,7 +421,7 @@ def test_comm_table_cli(run_dir, tmp_path):
     for r in comm[comm["rank"] == 0]:
         for q in range(3):
             rows.append((r["round"], r["step"], q, r["allgather_sent"] * (q + 1), r["allgather_received"] + q,
-                         r["allreduce_sent"] + 7 * q, r["allreduce_received"] * (q + 2), 0, 0, r["seconds"]))
+                         r["allreduce_sent"], r["allreduce_received"] * (q + 2), 0, 0, r["seconds"]))
     with h5py.File(multi, "r+") as f:
         dt = f["comm"].dtype
         del f["comm"]
@@ -450,11 +450,19 @@ def test_comm_table_cli(run_dir, tmp_path):
                                                "allreduce_received")))
         ln = next(ln for ln in three.splitlines() if ln.split()[:1] == [str(q)] and len(ln.split()) >= 7)
         assert int(ln.split()[3].replace(",", "")) == want
+    # bytes over all links: allgather (S-1) x sent, allreduce 2 (S-1)/S x sent (the same on every rank)
+    links1 = int(comm["allgather_sent"].sum() + comm["allreduce_sent"].sum())  # S = 2: every byte crosses one link
+    assert f"over all links (fair convention" in single and f": {links1:,} B = " in single
+    links3 = 2 * int(multi_comm["allgather_sent"].sum()) + 4 * int(multi_comm["allreduce_sent"].sum()) // 3
+    assert f": {links3:,} B = " in three
+    table = {ln.split()[0]: ln.split() for ln in p.stdout.splitlines()[-4:] if ln.split()}
+    assert int(table[str(run)[-40:]][4].replace(",", "")) == links1
+    assert int(table[str(multi)[-40:]][4].replace(",", "")) == links3
     # per-round view: one line per round, cumulative total at the end
     per_round = [ln.split() for ln in single.splitlines() if re.match(r"^\s+\d+\s+\d+(\s+[\d,]+){3,}$", ln)]
     assert len(per_round) == len(set(comm["round"].tolist()))
     assert int(per_round[-1][-1].replace(",", "")) == sent + recv
-    assert "file" in p.stdout.splitlines()[-3]          # comparison table of the two files
+    assert "file" in p.stdout.splitlines()[-4]          # comparison table of the two files
 
 
 def test_comm_table_paper():

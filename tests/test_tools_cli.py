@@ -309,6 +309,9 @@ def test_detect_against_the_online_record_and_summary(run_dir, work):
     assert f"allreduce sent {int(comm['allreduce_sent'].sum()):,} B" in out
     assert sum(c["bytes_sent"] for c in h["ranks"].values()) == int(comm["allgather_sent"].sum() +
                                                                        comm["allreduce_sent"].sum()) > 0
+    S = len(h["ranks"])
+    links = (S - 1) * int(comm["allgather_sent"].sum()) + 2 * (S - 1) * int(comm["allreduce_sent"].sum()) // S
+    assert f"over all links (the fair convention, each byte once per link it crosses): {links:,} B" in out, out
 
 
 def test_distance_on_a_real_file(run_dir, work):

@@ -7,12 +7,15 @@
 One invocation, one run of every job, each under real ``scripts/mpirun.sh -np S`` (GPipe: the
 pipeline's S stages, one per rank). For each (method, S):
 
-- bytes per epoch, fair convention (sent + received summed over all ranks, as ``/comm`` counts):
-  *measured* = the sum of every ``/comm`` column of every row of the run, divided by the epochs run;
-  *analytic* = :mod:`loft_hpc.exchange.accounting` for the same steps (LoFT: ceil(steps / K)
+- bytes per epoch, fair convention (total over all links, both directions, each byte once on
+  every link it crosses, collectives counted as their bandwidth-optimal ring algorithms:
+  :func:`loft_hpc.exchange.accounting.link_bytes`): *measured* = that rule applied to every
+  ``/comm`` row of the run (allgather (S-1) x sent, allreduce 2 (S-1)/S x sent, p2p sent), divided
+  by the epochs run; *analytic* = :mod:`loft_hpc.exchange.accounting` for the same steps (LoFT: ceil(steps / K)
   syncs; dense and GPipe: one per step) plus the run's evaluations (dense averages the BN
   statistics at each: ``dense_eval_bytes``; LoFT and GPipe move nothing counted there); and their
-  difference, which is 0 when every byte is accounted for;
+  difference, which is 0 when every byte is accounted for. Each rank's ``/comm`` payload (sent +
+  received) is also checked against the accounting's per-rank prediction (``per_rank_equal``);
 - bytes per epoch, the paper's convention (analytic: the paper's rule has no log to measure);
 - images per second per rank: training images the whole job processed / training wall time / S
   (LoFT and dense: each rank its own batches; GPipe: every global batch passes all S stages, so
@@ -181,10 +184,11 @@ def exact(x: Fraction) -> int | float:
 
 
 def analytic(setting: Setting, method: str, world: int, steps: int, evaluations: int, numels: list[int] | None) -> dict:
-    """The analytic figures of one job: run totals (fair, over all ranks and per rank; paper) and
-    the per-epoch and per-sync figures of :class:`~loft_hpc.exchange.accounting.MethodBytes`."""
-    from loft_hpc.exchange.accounting import (dense_eval_bytes, dense_step_bytes, gpipe_rank_step_bytes,
-                                              loft_sync_bytes, method_bytes, model_floats)
+    """The analytic figures of one job: run totals (fair, over all links; paper), the payload each
+    rank's ``/comm`` rows must add up to, and the per-epoch and per-sync figures of
+    :class:`~loft_hpc.exchange.accounting.MethodBytes`."""
+    from loft_hpc.exchange.accounting import (dense_eval_bytes, dense_eval_rank_bytes, dense_step_bytes,
+                                              gpipe_rank_step_bytes, loft_sync_bytes, method_bytes, model_floats)
 
     cfg = setting.job_config(method)
     carry = cfg.train.momentum_mode == "carry" and cfg.train.momentum > 0
@@ -195,23 +199,22 @@ def analytic(setting: Setting, method: str, world: int, steps: int, evaluations:
     f = model_floats(setting.model, setting.groups)
     evals = dense_eval_bytes(f.buffers, world) * evaluations if method == "dense" else 0
     if world == 1:
-        per_rank = [0]
+        payload = [0]
     elif method == "loft":
-        per_rank = [syncs * sum(loft_sync_bytes(setting.model, setting.groups, world, q, carry).values())
-                    for q in range(world)]
+        payload = [syncs * sum(loft_sync_bytes(setting.model, setting.groups, world, q, carry).values())
+                   for q in range(world)]
     elif method == "dense":
-        per_rank = [syncs * sum(dense_step_bytes(setting.model).values()) + evals // world] * world
+        payload = [syncs * sum(dense_step_bytes(setting.model).values())
+                   + evaluations * sum(dense_eval_rank_bytes(setting.model).values())] * world
     else:
-        per_rank = [syncs * sum(gpipe_rank_step_bytes(setting.batch, numels, q).values()) for q in range(world)]
-    fair = mb.fair_for_steps(steps) + evals
-    if sum(per_rank) != fair:
-        raise BenchError(f"{method}-{world}: the per-rank analytic bytes {per_rank} do not add up to {fair}")
-    return {"mb": mb, "syncs": syncs, "fair_run": fair, "fair_per_rank": per_rank, "eval_bytes": evals,
-            "paper_run": mb.paper_per_sync * syncs, "carry_momentum": carry}
+        payload = [syncs * sum(gpipe_rank_step_bytes(setting.batch, numels, q).values()) for q in range(world)]
+    return {"mb": mb, "syncs": syncs, "fair_run": mb.fair_for_steps(steps) + evals, "payload_per_rank": payload,
+            "eval_bytes": evals, "paper_run": mb.paper_per_sync * syncs, "carry_momentum": carry}
 
 
 def run_one(setting: Setting, method: str, world: int, out: Path, timeout: float) -> dict:
     from loft_hpc.checkpoint.h5file import read_run_file
+    from loft_hpc.exchange.accounting import comm_link_bytes
 
     run_dir = out / "runs" / f"{method}-{world}"
     shutil.rmtree(run_dir, ignore_errors=True)  # never resume an older job's checkpoint
@@ -237,8 +240,8 @@ def run_one(setting: Setting, method: str, world: int, out: Path, timeout: float
     if bpe != mb.steps_per_epoch:
         raise BenchError(f"{method}-{world}: the run had {bpe} steps per epoch, the accounting says {mb.steps_per_epoch}")
     epochs = Fraction(steps, bpe)
-    measured_rank = [sum(row_bytes(r) for r in rf.comm if int(r["rank"]) == q) for q in range(world)]
-    measured = sum(measured_rank)
+    payload_rank = [sum(row_bytes(r) for r in rf.comm if int(r["rank"]) == q) for q in range(world)]
+    measured = comm_link_bytes(rf.comm, world)
     seconds = [sum(float(r["seconds"]) for r in rf.comm if int(r["rank"]) == q) for q in range(world)]
     timed = any(s > 0 for s in seconds) or measured == 0
     images = steps * setting.batch * (1 if method == "gpipe" else world)
@@ -249,8 +252,8 @@ def run_one(setting: Setting, method: str, world: int, out: Path, timeout: float
         "images_per_epoch": mb.samples_per_epoch, "carry_momentum": an["carry_momentum"],
         "pipeline_cuts": cuts, "boundary_shapes": shapes,
         "fair_run_measured": measured, "fair_run_analytic": an["fair_run"], "fair_run_difference": measured - an["fair_run"],
-        "fair_per_rank_measured": measured_rank, "fair_per_rank_analytic": an["fair_per_rank"],
-        "per_rank_equal": measured_rank == an["fair_per_rank"],
+        "payload_per_rank_measured": payload_rank, "payload_per_rank_analytic": an["payload_per_rank"],
+        "per_rank_equal": payload_rank == an["payload_per_rank"],
         "eval_bytes_analytic": an["eval_bytes"],
         "fair_per_epoch_measured": exact(measured / epochs), "fair_per_epoch_analytic": exact(an["fair_run"] / epochs),
         "fair_per_epoch_difference": exact((measured - an["fair_run"]) / epochs),
@@ -388,9 +391,12 @@ def markdown(res: dict) -> str:
                  f"{fmt_bytes(r['fair_per_epoch_difference'])} | {fmt_bytes(r['paper_per_epoch_analytic'])} | "
                  f"{'-' if ips is None else f'{ips:,.1f}'} | {r['wall_per_epoch']:,.2f} | {share} | "
                  f"{fmt_mib(r['peak_rss_bytes_max'])} | {fmt_mib(cuda)} |")
-    L += ["", "Bytes: fair = sent + received summed over all ranks, as /comm records them (measured: every /comm row of "
-          "the job; analytic: loft_hpc/exchange/accounting.py for the same steps, plus the dense runs' BN averaging at "
-          "their evaluation); paper = the paper's convention (LoFT: a parameter server hands each worker its sub-network "
+    L += ["", "Bytes: fair = total over all links, both directions, each byte once on every link it crosses, "
+          "collectives as their bandwidth-optimal ring algorithms (allgather: (S-1) x the inputs; allreduce: 2 (S-1) x "
+          "the floats; point-to-point: the bytes sent). Measured: that rule applied to every /comm row of the job (what "
+          "each rank handed to its collectives; every rank's payload also equals its analytic count); analytic: "
+          "loft_hpc/exchange/accounting.py for the same steps, plus the dense runs' BN averaging at their evaluation; "
+          "paper = the paper's convention (LoFT: a parameter server hands each worker its sub-network "
           "of parameters, one direction; GPipe: activations forward + gradients backward at the S-1 cuts, once each; "
           "dense: each worker handed the averaged gradient). Each method's own epoch: LoFT = every worker one pass over "
           "the training set (S passes in total; K local steps between syncs), dense = one pass in total, GPipe = one "
@@ -417,7 +423,9 @@ def markdown(res: dict) -> str:
                      f"{paper} |")
         bk = res["batch"] * res["local_steps"]
         L += ["", "Reading it: per epoch GPipe moves 2 x 4 B sum_c n_c per step (n/B steps) and LoFT 4 (P + S Sh) per sync "
-              "(n/(B K) syncs), so in the paper's convention GPipe / LoFT = 2 B K sum_c n_c / (P + S Sh): independent of "
+              "(n/(B K) syncs) in the paper's convention, 4 (S-1) (P' + 2 Sh') in the fair one (P', Sh': the floats the "
+              "exchange moves, BN statistics included, and momentum with momentum_mode carry), so GPipe / LoFT = "
+              "2 B K sum_c n_c / (P + S Sh) (paper) and 2 B K sum_c n_c / ((S-1) (P' + 2 Sh')) (fair): independent of "
               "the data set's size and the epochs, proportional to B K and, at a fixed depth, to 1 / width (activations "
               f"grow with the width, parameters with its square). Here B K = {res['batch']} x {res['local_steps']} = "
               f"{bk}; the paper's table implies B K = 128 x 15.6 = 2000 (500 syncs for 20 epochs of 390 batches) at "

@@ -20,35 +20,49 @@ K   LoFT's local steps per sync; B the batch (LoFT and dense: per rank; GPipe: t
 
 Conventions
 -----------
-fair (``*_fair_*``): total bytes over all links, both directions: for every rank, what its
-    collectives and point-to-point transfers *send plus receive*, summed over the ranks. This is
-    exactly what ``/comm`` records (allgather: sent = the rank's input, received = the output that
-    came from the others; allreduce: sent = input, received = result; p2p: sent and received
-    tensors), so the measured sum of all ``/comm`` columns over the ranks equals it. Payload, not
-    wire bytes: a point-to-point byte counts twice (sent, received); a collective's input counts
-    once as sent however many ranks receive it, and every byte a rank gets counts as received.
+fair (``*_fair_*``): total bytes over all links, both directions, each byte counted once on every
+    link it crosses (LOFT_SPEC 6a), for bandwidth-optimal collectives (the ring algorithms):
+    - allgather: every rank's input must reach the S-1 others, each copy over at least one link:
+      (S-1) x the sum of the inputs (a ring attains it, uneven inputs included);
+    - allreduce of n floats per rank: 2 (S-1) n over all links (reduce-scatter then allgather; a
+      ring attains it, the classic lower bound for any algorithm);
+    - point-to-point: each byte crosses one link once: the bytes sent.
+    So one LoFT sync (allgather of shards + allreduce of shared tensors) moves (S-1) P + 2 (S-1) Sh
+    floats, dense data parallelism 2 (S-1) N, and GPipe's activations and gradients 2 B sum_c n_c:
+    each method's logs (``/comm``) give its fair bytes through the same rule, :func:`link_bytes`.
+    What the MPI library underneath really does (a tree, recursive doubling) is not visible to
+    Python; the rule counts what the exchange needs at least, the same way for every method.
+payload (``/comm`` columns, per rank): what each rank hands to its collectives and gets back
+    (allgather: sent = the rank's input, received = the output that came from the others;
+    allreduce: sent = input, received = result; p2p: the tensors sent and received). It is what
+    the ranks can measure, exactly, and :func:`loft_sync_bytes`, :func:`dense_step_bytes`,
+    :func:`dense_eval_rank_bytes` and :func:`gpipe_rank_step_bytes` predict it per rank. It is
+    not a convention for comparing methods: a collective's payload over-counts LoFT and dense
+    against a pipeline's point-to-point by S/(S-1) at S ranks (2x at S = 2, 1.33x at S = 4, while
+    p2p payload is 2x the link bytes at every S).
 paper (``*_paper_*``): the LoFT paper's table (LOFT_SPEC 6, 6a). LoFT: a parameter server hands
     each of the S workers its sub-network, P_par/S + Sh_par parameters, one direction, per sync
     (parameters only: with them the table's ten LoFT figures imply 499.94-499.99 syncs on CIFAR
     and 5999.55-5999.57 on ImageNet, i.e. 500 and 6000 to 0.012%; adding the BN statistics moves
     every figure 0.07-0.10% away: ``loft-tools comm --paper``). GPipe: each sample's activation
     goes forward and its gradient backward across each of the S-1 stage boundaries, each counted
-    once. Dense data parallelism is not in the paper; by the same rule (what every worker is
-    handed, one direction) a server hands each worker the averaged gradient: S N.
+    once (the same as the fair convention). Dense data parallelism is not in the paper; by the
+    same rule (what every worker is handed, one direction) a server hands each worker the
+    averaged gradient: S N.
 
 Per sync (one exchange; LoFT: every K steps; dense and GPipe: every step)
 ------------------------------------------------------------------------
 =======  ==============================  ======================
 method   fair                            paper
 =======  ==============================  ======================
-loft     4 S (P' + 2 Sh')  [1]           4 (P_par + S Sh_par)
-dense    4 . 2 S N                       4 S N
-gpipe    4 . 2 . 2 B sum_c n_c           4 . 2 B sum_c n_c
+loft     4 (S-1) (P' + 2 Sh')  [1]       4 (P_par + S Sh_par)
+dense    4 . 2 (S-1) N                   4 S N
+gpipe    4 . 2 B sum_c n_c               4 . 2 B sum_c n_c
 =======  ==============================  ======================
-[1] allgather: the ranks send sum_s shard(s) = P' and receive (S-1) P'; allreduce: each rank sends
-    and receives Sh'. When a tensor is sliced on two dims (every hidden layer of the LTH models)
-    a shard holds only its diagonal block and sum_s shard(s) < P': :func:`loft_fair_sync_bytes`
-    then sums :func:`loft_sync_bytes` over the ranks, which is exact in every case.
+[1] the allgather's inputs sum to sum_s shard(s) = P'. When a tensor is sliced on two dims (every
+    hidden layer of the LTH models) a shard holds only its diagonal block and sum_s shard(s) < P':
+    :func:`loft_fair_sync_bytes` then applies :func:`link_bytes` to the ranks'
+    :func:`loft_sync_bytes`, which is exact in every case.
 With one rank nothing is communicated: every formula is 0.
 
 Per step: LoFT per sync / K; dense and GPipe per step = per sync.
@@ -57,11 +71,7 @@ Per epoch: per step x steps per epoch (:func:`steps_per_epoch`):
          whole set in its own order, the paper's code): an epoch is S passes over the data in total;
   dense  floor(floor(n / S) / B): one pass in total;
   gpipe  floor(n / B), B the global batch: one pass in total.
-Dense evaluations also average the BN statistics: 4 . 2 S N_buf each (:func:`dense_eval_bytes`).
-
-For comparison, the spec's ring estimate (LOFT_SPEC 6a: an allgather and a ring allreduce move
-(S-1) P + 2 (S-1) Sh over the wire, each byte once) is a third convention, not used here: payload
-sent + received is what every method's logs can measure and what the analytic figures match.
+Dense evaluations also average the BN statistics: 4 . 2 (S-1) N_buf each (:func:`dense_eval_bytes`).
 """
 from __future__ import annotations
 
@@ -182,32 +192,61 @@ def gpipe_rank_step_bytes(batch: int, boundary_numels: list[int], rank: int) -> 
 
 
 # ------------------------------------------------------------------------- fair convention
-def loft_fair_sync(partitioned: int, shared: int, world: int) -> int:
-    """4 S (P' + 2 Sh') for one LoFT sync, over all ranks (one-dim slicing; see note [1])."""
+def link_bytes(world: int, allgather_sent: int, allreduce_sent: int, p2p_sent: int) -> int:
+    """Bytes over all links (the fair convention) of collectives whose payload, summed over the
+    ``world`` ranks, was ``allgather_sent``, ``allreduce_sent`` and ``p2p_sent``:
+    (S-1) x allgather + 2 (S-1) / S x allreduce + p2p. Every allreduce runs on every rank with the
+    same size, so the allreduce total is a multiple of S; anything else is a malformed log."""
     if world < 2:
         return 0
-    return FLOAT_BYTES * world * (partitioned + 2 * shared)
+    ar, rest = divmod(2 * (world - 1) * allreduce_sent, world)
+    if rest:
+        raise ValueError(f"allreduce payload {allreduce_sent} over {world} ranks is not the same on every rank")
+    return (world - 1) * allgather_sent + ar + p2p_sent
+
+
+def comm_link_bytes(rows, world: int) -> int:
+    """:func:`link_bytes` of ``/comm`` rows (all ranks' rows of the rounds wanted; a column the file
+    lacks, p2p before GPipe, is 0)."""
+    tot = {k: sum(int(r.get(f"{k}_sent", 0)) for r in rows) for k in ("allgather", "allreduce", "p2p")}
+    return link_bytes(world, tot["allgather"], tot["allreduce"], tot["p2p"])
+
+
+def loft_fair_sync(partitioned: int, shared: int, world: int) -> int:
+    """4 (S-1) (P' + 2 Sh') for one LoFT sync, over all links (one-dim slicing; see note [1])."""
+    if world < 2:
+        return 0
+    return FLOAT_BYTES * (world - 1) * (partitioned + 2 * shared)
 
 
 def loft_fair_sync_bytes(model: nn.Module, groups: list[FilterGroup], world: int, carry_momentum: bool) -> int:
-    """One LoFT sync over all ranks, exact for any slicing: the sum of :func:`loft_sync_bytes`."""
-    return sum(sum(loft_sync_bytes(model, groups, world, q, carry_momentum).values()) for q in range(world))
+    """One LoFT sync over all links, exact for any slicing: :func:`link_bytes` of the ranks'
+    :func:`loft_sync_bytes`."""
+    per = [loft_sync_bytes(model, groups, world, q, carry_momentum) for q in range(world)]
+    return link_bytes(world, sum(p["allgather_sent"] for p in per), sum(p["allreduce_sent"] for p in per), 0)
 
 
 def dense_fair_step(params: int, world: int) -> int:
-    """4 . 2 S N: every rank sends and receives the N gradients."""
-    return 0 if world < 2 else FLOAT_BYTES * 2 * world * params
+    """4 . 2 (S-1) N: the ring allreduce of the N gradients."""
+    return 0 if world < 2 else FLOAT_BYTES * 2 * (world - 1) * params
 
 
 def dense_eval_bytes(buffers: int, world: int) -> int:
-    """4 . 2 S N_buf: a dense evaluation averages the floating buffers (BN statistics) of every rank."""
-    return 0 if world < 2 else FLOAT_BYTES * 2 * world * buffers
+    """4 . 2 (S-1) N_buf: a dense evaluation averages the floating buffers (BN statistics) of every
+    rank, over all links."""
+    return 0 if world < 2 else FLOAT_BYTES * 2 * (world - 1) * buffers
+
+
+def dense_eval_rank_bytes(model: nn.Module) -> dict:
+    """``/comm`` columns of every rank (S > 1) for one dense evaluation: the floating buffers, allreduced."""
+    n = sum(b.numel() for _, b in model.named_buffers() if b.is_floating_point())
+    return {"allreduce_sent": FLOAT_BYTES * n, "allreduce_received": FLOAT_BYTES * n}
 
 
 def gpipe_fair_step(batch: int, boundary_numels: list[int]) -> int:
-    """4 . 2 . 2 B sum_c n_c: activations forward and gradients backward, each sent once and
-    received once (the sum over stages of :func:`gpipe_rank_step_bytes`)."""
-    return FLOAT_BYTES * 2 * 2 * batch * sum(boundary_numels)
+    """4 . 2 B sum_c n_c: activations forward and gradients backward, each crossing its boundary's
+    link once (the p2p bytes sent, summed over the stages: :func:`gpipe_rank_step_bytes`)."""
+    return FLOAT_BYTES * 2 * batch * sum(boundary_numels)
 
 
 # ------------------------------------------------------------------------- paper convention

@@ -1,11 +1,11 @@
 """Counted Horovod collectives: every byte handed to or received from a collective is logged.
 
 Accounting (per rank, payload bytes; the wire bytes of the MPI algorithm underneath are not
-visible to Python and are not claimed):
+visible to Python and are not claimed; methods are compared by the bytes over all links computed
+from this payload, :func:`loft_hpc.exchange.accounting.link_bytes`):
 - ``allgather``: sent = bytes of this rank's input; received = bytes of the output that came
   from the other ranks (output minus own part).
 - ``allreduce``: sent = bytes of the input; received = bytes of the result.
-- ``broadcast``: sent = tensor bytes on the root, received = tensor bytes elsewhere.
 """
 from __future__ import annotations
 

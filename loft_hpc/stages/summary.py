@@ -16,6 +16,7 @@ import yaml
 
 from loft_hpc.checkpoint.h5file import read_run_file
 from loft_hpc.checkpoint.paths import RunPaths, write_text_atomic
+from loft_hpc.exchange.accounting import comm_link_bytes
 
 
 def _gb(n: float) -> str:
@@ -30,7 +31,7 @@ def _retrained_row(name: str, path: Path) -> str:
     m = rf.metrics[-1] if rf.metrics else {}
     kept = sum(r["kept"] for r in rf.sparsity)
     total = sum(r["total"] for r in rf.sparsity)
-    nbytes = m.get("bytes_sent", 0) + m.get("bytes_received", 0)
+    nbytes = comm_link_bytes(rf.comm, rf.world_size)
     return (f"{name:<28} {m.get('test_acc', float('nan')):>9.4f} "
             f"{1 - kept / max(total, 1):>8.1%} {_gb(nbytes):>28}")
 
@@ -72,11 +73,11 @@ def summary_table(paths: RunPaths, ratios: list[float], mask_from: str = "end", 
     pre = read_run_file(paths.pretrain) if paths.pretrain.is_file() else None
     if mask_from != "end":  # a snapshot's tickets: say which (the pretrained row is still the end's model)
         lines.append(f"tickets found at pretraining snapshot {mask_from}; 'pretrained' is the model at the end of pretraining")
-    head = f"{'model':<28} {'test acc':>9} {'pruned':>8} {'bytes exchanged (all ranks)':>28}"
+    head = f"{'model':<28} {'test acc':>9} {'pruned':>8} {'bytes over all links':>28}"
     lines += [head, "-" * len(head)]
     if pre is not None:
         m = pre.metrics[-1] if pre.metrics else {}
-        nbytes = m.get("bytes_sent", 0) + m.get("bytes_received", 0)
+        nbytes = comm_link_bytes(pre.comm, pre.world_size)
         cfg = yaml.safe_load(pre.config_yaml)
         method = {"loft": "LoFT", "gpipe": "GPipe"}.get(cfg["train"]["method"], "dense")
         name = f"pretrained {method}-{pre.world_size} (unpruned)"
@@ -92,7 +93,8 @@ def summary_table(paths: RunPaths, ratios: list[float], mask_from: str = "end", 
     line = ticket_line(pre.ticket, pre.progress) if pre is not None else None
     if line:
         lines.append(line)
-    lines.append("pruned = fraction of the masked tensors' entries set to zero; bytes = payload sent + received by all ranks")
+    lines.append("pruned = fraction of the masked tensors' entries set to zero; bytes = total over all links, each byte "
+                 "once per link it crosses (collectives as ring algorithms; README, Counting bytes)")
     return "\n".join(lines)
 
 

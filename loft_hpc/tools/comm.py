@@ -4,12 +4,13 @@ table reconstructed, in both counting conventions.
     loft-tools comm RUN.h5 [RUN2.h5 ...] [--per-round]
     loft-tools comm --paper
 
-Runs. ``/comm`` holds one row per rank and round with the bytes the collectives moved (allgather
-of filter shards, allreduce of shared tensors or gradients, and GPipe's point-to-point
-activations and gradients, ``p2p_*``; broadcasts are counted with the allreduce; files written
-before the p2p columns existed read them as 0). For each file: bytes sent, received and both per
-rank and over all ranks, the number of rounds with traffic (round 0 = before the first step;
-kept out of the per-sync averages), the average per sync, and a check of every row against the
+Runs. ``/comm`` holds one row per rank and round with the payload the collectives moved
+(allgather of filter shards, allreduce of shared tensors or gradients, and GPipe's point-to-point
+activations and gradients, ``p2p_*``; files written before the p2p columns existed read them as
+0). For each file: payload sent, received and both per rank and over all ranks, the bytes over
+all links (the fair convention: :func:`loft_hpc.exchange.accounting.comm_link_bytes`), the
+number of rounds with traffic (round 0 = before the first step; kept out of the per-sync
+averages), the average per sync, and a check of every row against the
 analytic bytes of :mod:`loft_hpc.exchange.accounting` (LoFT: ``loft_sync_bytes`` per round;
 dense: ``dense_step_bytes`` per step; GPipe: ``gpipe_rank_step_bytes`` per step, when the file's
 pipeline can be rebuilt) and of the totals against the ``/metrics`` byte counters. With several
@@ -27,14 +28,16 @@ Paper (``--paper``), both columns of the LoFT paper's communication table (LOFT_
   data set they are fitted (the implied mean rounded to a multiple of 100: CIFAR 500, ImageNet
   6000) and every figure is compared with the fitted count, with the BN statistics counted too,
   and with the release's own schedule.
-- The table in both conventions: the paper's (one direction) and the fair one (bytes sent +
-  received over all ranks, as ``/comm`` counts: GPipe exactly 2x the paper's figure, LoFT
-  syncs x 4 S (P + 2 Sh)), with the improvement factor in each.
+- The table in both conventions: the paper's (one direction) and the fair one (total over all
+  links, both directions, each byte once per link crossed, collectives as ring algorithms:
+  GPipe exactly the paper's figure, LoFT syncs x 4 (S-1) (P + 2 Sh)), with the improvement
+  factor in each.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 
+from loft_hpc.exchange.accounting import comm_link_bytes
 from loft_hpc.tools.reading import ToolError, build_model, load_run
 
 
@@ -177,9 +180,9 @@ def loft_paper_rows(floats: dict | None = None) -> list[dict]:
 
 
 def fair_rows(loft: list[dict]) -> list[dict]:
-    """The paper's table in both conventions. Paper: its own figures. Fair (sent + received over
-    all ranks, as /comm counts): GPipe = 2 x the paper's figure exactly (each activation and
-    gradient sent once and received once); LoFT = the fitted syncs x 4 S (P + 2 Sh) with P, Sh
+    """The paper's table in both conventions. Paper: its own figures. Fair (over all links, each
+    byte once per link it crosses): GPipe = the paper's figure exactly (each activation and
+    gradient crosses its boundary once); LoFT = the fitted syncs x 4 (S-1) (P + 2 Sh) with P, Sh
     the floats LoFT's exchange moves (parameters and BN statistics; momentum reset, as the
     paper's release, and carried)."""
     out = []
@@ -191,8 +194,8 @@ def fair_rows(loft: list[dict]) -> list[dict]:
         lfc = r["syncs"] * r["fair_per_sync_carry"] / G
         out.append({"setting": r["setting"], "S": r["S"], "gpipe_paper_G": gp, "loft_paper_G": r["paper_G"],
                     "improvement_paper": gp / r["paper_G"], "printed": imp2 if r["S"] == 2 else imp4,
-                    "gpipe_fair_G": 2 * gp, "loft_fair_G": lf, "improvement_fair": 2 * gp / lf,
-                    "loft_fair_carry_G": lfc, "improvement_fair_carry": 2 * gp / lfc})
+                    "gpipe_fair_G": gp, "loft_fair_G": lf, "improvement_fair": gp / lf,
+                    "loft_fair_carry_G": lfc, "improvement_fair_carry": gp / lfc})
     return out
 
 
@@ -289,9 +292,10 @@ def print_loft_paper() -> None:
           "release's schedule instead of the fitted syncs.")
     print()
     print("The paper's table in both conventions (G = 10^9 bytes). paper: one direction (its own figures); fair: "
-          "bytes sent + received summed over all ranks, as /comm counts them (GPipe: exactly 2x the paper's figure; "
-          "LoFT: the fitted syncs x 4 S (P + 2 Sh), P and Sh with the BN statistics, which the exchange moves; "
-          "carry: with momentum_mode=carry's momentum as well).")
+          "total over all links, both directions, each byte once per link it crosses, collectives as ring algorithms "
+          "(GPipe: exactly the paper's figure; LoFT's allgather + allreduce: the fitted syncs x 4 (S-1) (P + 2 Sh), P "
+          "and Sh with the BN statistics, which the exchange moves; carry: with momentum_mode=carry's momentum as "
+          "well).")
     head = (f"{'setting':<23} {'S':<3} {'GPipe paper':>11} {'LoFT paper':>10} {'improv.':>7} {'printed':>7} | "
             f"{'GPipe fair':>10} {'LoFT fair':>9} {'improv.':>7} | {'LoFT carry':>10} {'improv.':>7}")
     print(head)
@@ -300,8 +304,9 @@ def print_loft_paper() -> None:
         print(f"{r['setting']:<23} S={r['S']:<1} {r['gpipe_paper_G']:>11.2f} {r['loft_paper_G']:>10.2f} "
               f"{r['improvement_paper']:>6.2f}x {r['printed']:>7} | {r['gpipe_fair_G']:>10.2f} {r['loft_fair_G']:>9.2f} "
               f"{r['improvement_fair']:>6.2f}x | {r['loft_fair_carry_G']:>10.2f} {r['improvement_fair_carry']:>6.2f}x")
-    print("Fair LoFT-S / paper LoFT-S = S (P + 2 Sh) / (P + S Sh): 2x at S = 2 (the improvement holds), "
-          "less than 4x at S = 4 (each rank also sends and receives the shared tensors).")
+    print("Fair LoFT-S / paper LoFT-S = (S-1) (P + 2 Sh) / (P + S Sh): above 1 (every rank's shard reaches S-1 "
+          "others, and the shared tensors cross 2 (S-1) links) while GPipe's is 1: the improvement shrinks by that "
+          "factor.")
 
 
 # ----------------------------------------------------------------------------------- run files
@@ -329,8 +334,10 @@ def comm_summary(rf) -> dict:
             rounds.add(int(r["round"]))
     ranks = sorted(per_rank)
     tot = {k: sum(per_rank[q][k] for q in ranks) for k in ("sent", "received", "sync_total", "round0")}
+    links = comm_link_bytes(rf.comm, rf.world_size)
+    links_sync = comm_link_bytes([r for r in rf.comm if int(r["round"]) > 0], rf.world_size)
     return {"ranks": ranks, "per_rank": dict(per_rank), "all": tot, "sync_rounds": sorted(rounds),
-            "rows": len(rf.comm)}
+            "rows": len(rf.comm), "links": links, "links_sync": links_sync}
 
 
 def analytic(rf) -> tuple[str, dict[int, int] | None]:
@@ -423,8 +430,11 @@ def print_run(path: str, rf, per_round: bool) -> dict:
     ps = a["sync_total"] / nsync if nsync else 0
     print(f"   {'all':>5} {a['sent']:>16,} {a['received']:>16,} {a['sent'] + a['received']:>16,} "
           f"{(a['sent'] + a['received']) / G:>9.4f} {a['round0']:>12,} {ps:>14,.0f}")
-    print(f"   total over all ranks: {fmt_bytes(a['sent'] + a['received'])} sent+received "
+    print(f"   payload over all ranks: {fmt_bytes(a['sent'] + a['received'])} sent+received "
           f"({(a['sent'] + a['received']) / GIB:.4f} GiB); per sync {fmt_bytes(ps)} over all ranks")
+    lps = s["links_sync"] / nsync if nsync else 0
+    print(f"   over all links (fair convention: allgather (S-1) x sent, allreduce 2 (S-1)/S x sent, p2p sent): "
+          f"{s['links']:,} B = {fmt_bytes(s['links'])}; per sync {fmt_bytes(lps)}")
     text, exp = analytic(rf)
     if exp is not None:
         rows = [r for r in rf.comm if int(r["round"]) > 0]
@@ -465,6 +475,10 @@ def run(a) -> int:
     loaded = []
     for p in a.runs:  # every file checked before anything is printed
         rf = load_run(p, needs=("comm",))
+        try:
+            comm_link_bytes(rf.comm, rf.world_size)
+        except ValueError as e:
+            raise ToolError(f"{p}: /comm is malformed: {e}") from None
         loaded.append((p, rf))
     if a.paper:
         print_paper()
@@ -475,10 +489,13 @@ def run(a) -> int:
         summaries.append((p, rf, print_run(p, rf, a.per_round)))
         print()
     if len(summaries) > 1:
-        print(f"{'file':<40} {'ranks':>5} {'syncs':>6} {'total bytes':>16} {'total G':>9} {'per sync':>14}")
+        print(f"{'file':<40} {'ranks':>5} {'syncs':>6} {'payload bytes':>16} {'link bytes':>16} {'links G':>9} "
+              f"{'links per sync':>14}")
         for p, rf, s in summaries:
             t = s["all"]["sent"] + s["all"]["received"]
             n = len(s["sync_rounds"])
-            print(f"{p[-40:]:<40} {len(s['ranks']):>5} {n:>6} {t:>16,} {t / G:>9.4f} "
-                  f"{(s['all']['sync_total'] / n if n else 0):>14,.0f}")
+            print(f"{p[-40:]:<40} {len(s['ranks']):>5} {n:>6} {t:>16,} {s['links']:>16,} {s['links'] / G:>9.4f} "
+                  f"{(s['links_sync'] / n if n else 0):>14,.0f}")
+        print("payload: sent + received by all ranks, as /comm records it; link bytes: the fair convention (each byte "
+              "once on every link it crosses), the one to compare methods by")
     return 0

@@ -14,8 +14,9 @@ Any file of any stage (pretraining, ticket, retraining, a checkpoint or a weight
 - ticket detection (/ticket of pretraining files): per criterion the step and epoch at which the
   ticket emerged and which fraction of pretraining that is, or "not detected"; the deciding
   criterion, window, thresholds and whether pretraining stopped there;
-- communication: bytes sent and received over all ranks (the last /metrics row), per rank (the
-  /ranks counters) and per collective (allgather / allreduce, the sums of /comm).
+- communication: payload sent and received over all ranks (the last /metrics row), per rank (the
+  /ranks counters) and per collective (allgather / allreduce / p2p, the sums of /comm), and the
+  bytes over all links (the fair convention, from /comm).
 """
 from __future__ import annotations
 
@@ -237,6 +238,13 @@ def comm_lines(rf) -> list[str]:
         out.append(f"  /comm ({len(rf.comm)} rows): " + "; ".join(
             f"{k} sent {_bytes(s[k + '_sent'])}, received {_bytes(s[k + '_received'])}" for k in kinds
             if k != "p2p" or s["p2p_sent"] or s["p2p_received"]))
+        from loft_hpc.exchange.accounting import comm_link_bytes
+
+        try:
+            links = _bytes(comm_link_bytes(rf.comm, rf.world_size))
+        except ValueError as e:  # a hand-edited or damaged table
+            links = f"not countable ({e})"
+        out.append(f"  over all links (the fair convention, each byte once per link it crosses): {links}")
     else:
         out.append("  /comm: no rows")
     return out
