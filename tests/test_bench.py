@@ -91,7 +91,7 @@ def test_byte_columns_equal_the_analytic_formulas(bench):
         # the probe: one record per rank, the process's own peak resident memory
         assert len(r["peak_rss_bytes_per_rank"]) == 2 and min(r["peak_rss_bytes_per_rank"]) > 10 * 2**20
         assert r["peak_rss_bytes_max"] == max(r["peak_rss_bytes_per_rank"])
-        assert r["comm_timed"] == (m != "gpipe")
+        assert r["comm_timed"] and r["comm_share"] > 0  # GPipe: its waits on point-to-point transfers
 
 
 def test_markdown_and_json_agree(bench):

@@ -23,8 +23,11 @@ pipeline's S stages, one per rank). For each (method, S):
 - wall time per epoch: the run's training wall time (``/progress`` wall_time: the loop, stopped
   before the final evaluation and file) / epochs;
 - share of time in communication: the ranks' mean of (seconds inside counted collectives, ``/comm``
-  ``seconds``) / training wall time. GPipe's point-to-point transfers run inside the pipeline
-  schedule and are not timed (their ``seconds`` are 0): the table says "not timed";
+  ``seconds``) / training wall time. Every such time includes waiting for the other ranks: the
+  slowest rank of an allreduce, GPipe's neighbouring stage (its waits on point-to-point
+  transfers, so the pipeline's fill and drain bubbles count as communication). A run whose
+  ``seconds`` are all 0 while it moved bytes (a torch whose schedule could not be timed) says
+  "not timed";
 - peak memory per rank: the kernel's high-water mark of each rank process's resident set
   (``getrusage`` ru_maxrss, recorded in the rank itself by :mod:`loft_hpc.bench.probe`); the
   table shows the largest rank, the JSON every rank; on CUDA also ``torch.cuda.max_memory_allocated``;
@@ -403,8 +406,8 @@ def markdown(res: dict) -> str:
           "pass of the global batches through the pipeline.",
           "Images/s per rank = training images processed by the whole job / training wall time / S. Wall time: the "
           "training loop (/progress wall_time), without the final evaluation and file. Comm share: the ranks' mean "
-          "time inside counted collectives / wall; GPipe's point-to-point transfers are not timed (their /comm seconds "
-          "are 0). Peak RSS: each rank process's kernel high-water mark of resident memory (getrusage ru_maxrss, "
+          "time inside counted collectives (GPipe: waiting on its point-to-point transfers) / wall, waiting for other "
+          "ranks included (GPipe: the pipeline's fill and drain bubbles). Peak RSS: each rank process's kernel high-water mark of resident memory (getrusage ru_maxrss, "
           "recorded inside the rank), the largest rank; every rank in results.json.", ""]
     gp = [r for r in res["runs"] if r["method"] == "gpipe"]
     for r in gp:

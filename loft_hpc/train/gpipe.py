@@ -14,7 +14,9 @@ boundaries, point to point over a torch.distributed process group (gloo on CPU, 
 made from the MPI ranks. Every tensor a stage sends or receives is counted where the schedule
 asks the stage for its send/receive operations (:class:`CountedStage`), as kind ``p2p`` in
 ``/comm``; the payloads are fixed by the cut points' activation shapes, which
-:func:`loft_hpc.exchange.accounting` turns into the analytic figure tests compare with.
+:func:`loft_hpc.exchange.accounting` turns into the analytic figure tests compare with. The time
+the schedule waits on those transfers (:func:`timed_p2p_waits`, bubbles included) goes into
+``/comm`` ``seconds`` like the collectives' time.
 
 The stages are built in static mode (example input and output tensors from the cut shapes):
 no metadata-inference forward pass runs before the first step, so BN statistics and counts see
@@ -28,6 +30,9 @@ Every rank therefore holds the whole model (and, after a save, a CPU copy of all
 pipeline splits the compute and the activations, not the memory of the weights, in this package.
 """
 from __future__ import annotations
+
+import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +92,35 @@ class CountedStage:
         return _Stage(submodule, index, stages, device, input_args=input_args, output_args=output_args, group=group)
 
 
+@contextmanager
+def timed_p2p_waits(counter):
+    """Adds the time the schedule spends waiting on its point-to-point transfers to ``counter``
+    (kind ``p2p``, no bytes: those are counted by :class:`CountedStage`), as the collectives' time
+    is: it includes waiting for the neighbouring stage (the pipeline's fill and drain bubbles),
+    as an allreduce's time includes waiting for the slowest rank. The schedule waits through
+    ``torch.distributed.pipelining.schedules._wait_batch_p2p``; a torch without that function
+    leaves the time uncounted (0 seconds) rather than failing."""
+    from torch.distributed.pipelining import schedules
+
+    original = getattr(schedules, "_wait_batch_p2p", None)
+    if original is None:
+        yield
+        return
+
+    def timed(work):
+        t0 = time.perf_counter()
+        try:
+            return original(work)
+        finally:
+            counter.add("p2p", 0, 0, time.perf_counter() - t0)
+
+    schedules._wait_batch_p2p = timed
+    try:
+        yield
+    finally:
+        schedules._wait_batch_p2p = original
+
+
 class GPipeTrainer(RoundTrainer):
     """One step per round; rank r trains stage r of the pipeline."""
 
@@ -136,13 +170,14 @@ class GPipeTrainer(RoundTrainer):
             self.opt.zero_grad(set_to_none=True)
             x, y = self.stream.batch(step)
             callbacks.fire("step", self, step)
-            if r == 0:
-                self.schedule.step(x)
-            elif r == S - 1:
-                losses = []
-                out = self.schedule.step(target=y, losses=losses)
-            else:
-                self.schedule.step()
+            with timed_p2p_waits(self.coll.counter):
+                if r == 0:
+                    self.schedule.step(x)
+                elif r == S - 1:
+                    losses = []
+                    out = self.schedule.step(target=y, losses=losses)
+                else:
+                    self.schedule.step()
             if r == S - 1:  # the last stage sees the outputs: loss and accuracy of this step
                 with torch.no_grad():
                     loss = torch.stack([lo.detach() for lo in losses]).double().mean()
