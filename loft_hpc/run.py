@@ -174,17 +174,20 @@ def _stages(cfg, dist, stages, bundle, paths, stop) -> int:
     from loft_hpc.prune.masks import MaskError
     from loft_hpc.train.engine import Context, StopForRequeue
     from loft_hpc.train.signals import EXIT_REQUEUE
-    from loft_hpc.utils.dist import start_horovod
+    from loft_hpc.exchange.backends import make_backend
     from loft_hpc.utils.log import error_line, log
 
+    backend = None
     try:
-        start_horovod(dist)
+        backend = make_backend(cfg.train.backend, dist)  # collective: Horovod's init or the process group, every rank
         if dist.is_root:
             written = paths.save_config(config_to_yaml(cfg))
             if written != paths.config:
                 log(f"config: {paths.config.name} holds another config; this job's is {written.name}", rank=0)
-        ctx = Context(cfg, dist, Collectives(dist.size), paths, stop, bundle.train, bundle.test)
-        log(f"job: stages {','.join(stages)} on {dist.size} rank(s), device {dist.device}, output {paths.root}", rank=dist.rank)
+        ctx = Context(cfg, dist, Collectives(dist.size, backend=backend, rank=dist.rank), paths, stop, bundle.train,
+                      bundle.test)
+        log(f"job: stages {','.join(stages)} on {dist.size} rank(s), device {dist.device}, "
+            f"{'collectives over ' + backend.name + ', ' if backend else ''}output {paths.root}", rank=dist.rank)
         if "pretrain" in stages:
             from loft_hpc.stages.pretrain import run_pretrain
 
@@ -239,6 +242,10 @@ def _stages(cfg, dist, stages, bundle, paths, stop) -> int:
         # A failure on one rank must end every rank at once, never leave them in a collective.
         error_line(f"rank {dist.rank} failed:\n{traceback.format_exc()}")
         dist.abort(1)
+    finally:
+        from loft_hpc.utils.dist import close_torch_group
+
+        close_torch_group()  # the torch backend's, or GPipe's, process group: every rank reaches here
     return 1
 
 

@@ -121,6 +121,15 @@ def validate_job(cfg: JobConfig, world: int, stages: list[str]):
         raise ConfigError(f"train.workers={cfg.train.workers}: this config pretrains on {cfg.train.workers} ranks, "
                           f"the job has {world} (start {cfg.train.workers} ranks, or set train.workers={world} or 0 "
                           f"to pretrain {'LoFT-' + str(world) if cfg.train.method == 'loft' else 'on ' + str(world) + ' ranks'})")
+    if world > 1 and cfg.train.backend == "horovod":
+        from loft_hpc.exchange.backends import horovod_problem
+
+        problem = horovod_problem()
+        if problem:
+            raise ConfigError(problem)
+    if cfg.train.exchange == "alltoall" and "pretrain" in stages and cfg.train.method != "loft":
+        raise ConfigError(f"train.exchange=alltoall: LoFT's exchange; train.method={cfg.train.method} has none "
+                          f"(set train.exchange=allgather, the default)")
     from loft_hpc.checkpoint.h5file import CheckpointError, stopped_early_hint, weight_snapshot_labels
     from loft_hpc.checkpoint.paths import RunPaths
     from loft_hpc.data import build_datasets, check_data

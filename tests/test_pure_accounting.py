@@ -157,18 +157,21 @@ def test_model_floats_of_the_paper_model():
 
 def test_link_bytes_rule():
     # allgather: every rank's input reaches the S-1 others; uneven inputs 3 + 5 + 8 on 3 ranks
-    assert link_bytes(3, 16, 0, 0) == 2 * 16
+    assert link_bytes(3, allgather=16) == 2 * 16
     # allreduce of n floats: 2 (S-1) n over all links; the payload sent sums to S n
-    assert link_bytes(4, 0, 4 * 40, 0) == 2 * 3 * 40
-    # point-to-point: each byte crosses one link
-    assert link_bytes(2, 0, 0, 288) == 288
-    assert link_bytes(1, 100, 100, 100) == 0
+    assert link_bytes(4, allreduce=4 * 40) == 2 * 3 * 40
+    # point-to-point and alltoall (counted only to other ranks): each byte crosses one link
+    assert link_bytes(2, p2p=288) == 288 and link_bytes(4, alltoall=96) == 96
+    # assembling the full model is an allgather
+    assert link_bytes(4, assemble=10) == 30
+    assert link_bytes(1, 100, 100, 100, 100, 100) == 0
     with pytest.raises(ValueError, match="not the same on every rank"):
-        link_bytes(4, 0, 41, 0)
-    rows = [{"allgather_sent": 8, "allreduce_sent": 20, "p2p_sent": 0},
-            {"allgather_sent": 4, "allreduce_sent": 20},  # a file without p2p columns reads them as 0
+        link_bytes(4, allreduce=41)
+    rows = [{"allgather_sent": 8, "allreduce_sent": 20, "p2p_sent": 0, "alltoall_sent": 5, "assemble_sent": 1},
+            {"allgather_sent": 4, "allreduce_sent": 20},  # a file without p2p, ... columns reads them as 0
             {"allgather_sent": 0, "allreduce_sent": 20, "p2p_sent": 6}]
-    assert comm_link_bytes(rows, 3) == 2 * 12 + 2 * 2 * 20 + 6
+    assert comm_link_bytes(rows, 3) == 2 * 12 + 2 * 2 * 20 + 6 + 5 + 2 * 1
+    assert comm_link_bytes(rows, 3, kinds=("allgather",)) == 2 * 12
 
 
 def test_loft_fair_sync_equals_the_link_rule_on_the_ranks_comm_columns():
@@ -205,8 +208,8 @@ def test_dense_fair_and_evaluation():
     # the ring allreduce of N = 173 gradients: 2 (S-1) N floats over all links
     per_rank = dense_step_bytes(Tiny())
     assert per_rank == {"allreduce_sent": 4 * 173, "allreduce_received": 4 * 173}
-    assert dense_fair_step(173, 2) == 4 * 2 * 173 == 1384 == link_bytes(2, 0, 2 * per_rank["allreduce_sent"], 0)
-    assert dense_fair_step(173, 4) == 4 * 2 * 3 * 173 == 4152 == link_bytes(4, 0, 4 * per_rank["allreduce_sent"], 0)
+    assert dense_fair_step(173, 2) == 4 * 2 * 173 == 1384 == link_bytes(2, allreduce=2 * per_rank["allreduce_sent"])
+    assert dense_fair_step(173, 4) == 4 * 2 * 3 * 173 == 4152 == link_bytes(4, allreduce=4 * per_rank["allreduce_sent"])
     assert dense_fair_step(173, 1) == 0
     # an evaluation averages the 8 BN statistics: 2 (S-1) x 8 floats
     assert dense_eval_rank_bytes(Tiny()) == {"allreduce_sent": 32, "allreduce_received": 32}
@@ -225,7 +228,7 @@ def test_gpipe_per_rank_fair_and_paper():
     assert gpipe_paper_step(3, [5, 7]) == 288 == sum(p["p2p_sent"] for p in per)
     # fair: each byte crosses its boundary's link once = the paper's count (the payload, sent +
     # received, is twice that)
-    assert gpipe_fair_step(3, [5, 7]) == 288 == link_bytes(3, 0, 0, sum(p["p2p_sent"] for p in per))
+    assert gpipe_fair_step(3, [5, 7]) == 288 == link_bytes(3, p2p=sum(p["p2p_sent"] for p in per))
     assert sum(sum(p.values()) for p in per) == 2 * 288
     assert gpipe_fair_step(3, []) == gpipe_paper_step(3, []) == 0
     assert gpipe_rank_step_bytes(3, [], 0) == {"p2p_sent": 0, "p2p_received": 0}

@@ -48,7 +48,9 @@ def test_comm_and_sparsity_fields():
     assert layout.COMM_FIELDS == [("round", np.int64), ("step", np.int64), ("rank", np.int64),
                                   ("allgather_sent", np.int64), ("allgather_received", np.int64),
                                   ("allreduce_sent", np.int64), ("allreduce_received", np.int64),
-                                  ("p2p_sent", np.int64), ("p2p_received", np.int64), ("seconds", np.float64)]
+                                  ("p2p_sent", np.int64), ("p2p_received", np.int64),
+                                  ("alltoall_sent", np.int64), ("alltoall_received", np.int64),
+                                  ("assemble_sent", np.int64), ("assemble_received", np.int64), ("seconds", np.float64)]
     block = _doc_block("/comm")
     for n, _ in layout.COMM_FIELDS:
         assert n in block, n

@@ -420,12 +420,14 @@ def test_comm_table_cli(run_dir, tmp_path):
     rows = []
     for r in comm[comm["rank"] == 0]:
         for q in range(3):
-            rows.append((r["round"], r["step"], q, r["allgather_sent"] * (q + 1), r["allgather_received"] + q,
-                         r["allreduce_sent"], r["allreduce_received"] * (q + 2), 0, 0, r["seconds"]))
+            row = np.zeros((), dtype=comm.dtype)  # every other column (p2p, alltoall, assemble) 0
+            row["round"], row["step"], row["rank"], row["seconds"] = r["round"], r["step"], q, r["seconds"]
+            row["allgather_sent"], row["allgather_received"] = r["allgather_sent"] * (q + 1), r["allgather_received"] + q
+            row["allreduce_sent"], row["allreduce_received"] = r["allreduce_sent"], r["allreduce_received"] * (q + 2)
+            rows.append(row)
     with h5py.File(multi, "r+") as f:
-        dt = f["comm"].dtype
         del f["comm"]
-        f.create_dataset("comm", data=np.array(rows, dtype=dt), maxshape=(None,))
+        f.create_dataset("comm", data=np.array(rows, dtype=comm.dtype), maxshape=(None,))
         f.attrs["world_size"] = 3
         multi_comm = np.array(f["comm"][()])
 

@@ -69,7 +69,7 @@ def _versions() -> str:
         import horovod
 
         v["horovod"] = str(horovod.__version__)
-    except ImportError:  # pragma: no cover - horovod is installed by set-up
+    except ImportError:  # a cluster without it runs with train.backend=torch
         v["horovod"] = "not installed"
     return yaml.safe_dump(v)
 

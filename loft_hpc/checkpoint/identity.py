@@ -31,12 +31,13 @@ from loft_hpc.config import JobConfig
 RESULT_KEYS = {
     "pretrain": ("data", "model", "train"),
     "ticket": ("model", "prune"),
-    "ticket-imp": ("data", "model", "prune", "retrain", "train.seed"),
-    "imp": ("data", "model", "prune", "retrain", "train.seed"),
-    "retrain": ("data", "model", "retrain", "train.seed"),
+    # train.backend: on more than 2 ranks torch.distributed may sum in another order (last bits)
+    "ticket-imp": ("data", "model", "prune", "retrain", "train.seed", "train.backend"),
+    "imp": ("data", "model", "prune", "retrain", "train.seed", "train.backend"),
+    "retrain": ("data", "model", "retrain", "train.seed", "train.backend"),
     # a control of a ticket (retrain.controls): its own kind, so a control file is never reused as another
-    "retrain-random_reinit": ("data", "model", "retrain", "train.seed"),
-    "retrain-random_prune": ("data", "model", "retrain", "train.seed"),
+    "retrain-random_reinit": ("data", "model", "retrain", "train.seed", "train.backend"),
+    "retrain-random_prune": ("data", "model", "retrain", "train.seed", "train.backend"),
 }
 # keys that never change results: where the data lives, how it is loaded, how often the job
 # evaluates, logs or checks, on which device and threads it runs, where it writes
@@ -44,6 +45,7 @@ OPERATIONAL = {
     "data.root", "data.num_workers", "data.verify_checksums", "data.eval_batch_size",
     "train.eval_every", "train.train_eval_samples", "train.log_every", "train.check_sync", "train.progress",
     "train.threads", "train.device",
+    "train.exchange",  # allgather and alltoall give bit-identical weights and momentum (tested): only data moves differently
     "train.workers",  # a check of the job's rank count (0 or S), not a setting
     "prune.ratios",  # one file per ratio: the ratio is in the file's name
     "retrain.controls",  # which control files are made (each named by its control and of its own kind)

@@ -43,9 +43,14 @@
                               test_*: the assembled model on the whole test set; bytes: all ranks, cumulative
     /comm                     compound (R*S,) growing: round, step, rank, allgather_sent,
                               allgather_received, allreduce_sent, allreduce_received, p2p_sent,
-                              p2p_received (bytes; p2p: GPipe's activations forward and gradients
-                              backward across stage boundaries; files written before it lack them: 0),
-                              seconds (wall time this rank spent in those collectives)
+                              p2p_received, alltoall_sent, alltoall_received, assemble_sent,
+                              assemble_received (payload bytes of this rank; p2p: GPipe's
+                              activations forward and gradients backward across stage boundaries;
+                              alltoall: the lean exchange's slices to and from the other ranks;
+                              assemble: the lean exchange's gathering of the full model at
+                              evaluations, snapshots and files; files written before a column
+                              existed lack it: read as 0), seconds (wall time this rank spent in
+                              those collectives and transfers)
     /sparsity                 compound per tensor: name, kept, total (ticket / retrain files)
     /coverage                 compound per sliced tensor: name, trained_fraction (LoFT pretraining):
                               the fraction of its entries trained in each round (1 for a tensor
@@ -81,6 +86,8 @@ METRIC_FIELDS = [("step", np.int64), ("round", np.int64), ("epoch", np.float64),
                  ("wall_time", np.float64)]
 COMM_FIELDS = [("round", np.int64), ("step", np.int64), ("rank", np.int64), ("allgather_sent", np.int64),
                ("allgather_received", np.int64), ("allreduce_sent", np.int64), ("allreduce_received", np.int64),
-               ("p2p_sent", np.int64), ("p2p_received", np.int64), ("seconds", np.float64)]
+               ("p2p_sent", np.int64), ("p2p_received", np.int64), ("alltoall_sent", np.int64),
+               ("alltoall_received", np.int64), ("assemble_sent", np.int64), ("assemble_received", np.int64),
+               ("seconds", np.float64)]
 SPARSITY_FIELDS = [("name", "S256"), ("kept", np.int64), ("total", np.int64)]
 COVERAGE_FIELDS = [("name", "S256"), ("trained_fraction", np.float64)]

@@ -192,24 +192,30 @@ def gpipe_rank_step_bytes(batch: int, boundary_numels: list[int], rank: int) -> 
 
 
 # ------------------------------------------------------------------------- fair convention
-def link_bytes(world: int, allgather_sent: int, allreduce_sent: int, p2p_sent: int) -> int:
-    """Bytes over all links (the fair convention) of collectives whose payload, summed over the
-    ``world`` ranks, was ``allgather_sent``, ``allreduce_sent`` and ``p2p_sent``:
-    (S-1) x allgather + 2 (S-1) / S x allreduce + p2p. Every allreduce runs on every rank with the
-    same size, so the allreduce total is a multiple of S; anything else is a malformed log."""
+def link_bytes(world: int, allgather: int = 0, allreduce: int = 0, p2p: int = 0, alltoall: int = 0,
+               assemble: int = 0) -> int:
+    """Bytes over all links (the fair convention) of transfers whose payload *sent*, summed over
+    the ``world`` ranks, was ``allgather``, ``allreduce`` ... : (S-1) x allgather and assemble
+    (the full model gathered: an allgather), 2 (S-1) / S x allreduce, p2p and alltoall as sent
+    (alltoall counts only what goes to other ranks; each such byte crosses one link). Every
+    allreduce runs on every rank with the same size, so its total is a multiple of S; anything
+    else is a malformed log."""
     if world < 2:
         return 0
-    ar, rest = divmod(2 * (world - 1) * allreduce_sent, world)
+    ar, rest = divmod(2 * (world - 1) * allreduce, world)
     if rest:
-        raise ValueError(f"allreduce payload {allreduce_sent} over {world} ranks is not the same on every rank")
-    return (world - 1) * allgather_sent + ar + p2p_sent
+        raise ValueError(f"allreduce payload {allreduce} over {world} ranks is not the same on every rank")
+    return (world - 1) * (allgather + assemble) + ar + p2p + alltoall
 
 
-def comm_link_bytes(rows, world: int) -> int:
+LINK_KINDS = ("allgather", "allreduce", "p2p", "alltoall", "assemble")
+
+
+def comm_link_bytes(rows, world: int, kinds=LINK_KINDS) -> int:
     """:func:`link_bytes` of ``/comm`` rows (all ranks' rows of the rounds wanted; a column the file
-    lacks, p2p before GPipe, is 0)."""
-    tot = {k: sum(int(r.get(f"{k}_sent", 0)) for r in rows) for k in ("allgather", "allreduce", "p2p")}
-    return link_bytes(world, tot["allgather"], tot["allreduce"], tot["p2p"])
+    lacks, e.g. p2p before GPipe, is 0), over the transfers of ``kinds``."""
+    tot = {k: sum(int(r.get(f"{k}_sent", 0)) for r in rows) for k in kinds}
+    return link_bytes(world, **tot)
 
 
 def loft_fair_sync(partitioned: int, shared: int, world: int) -> int:
@@ -223,7 +229,7 @@ def loft_fair_sync_bytes(model: nn.Module, groups: list[FilterGroup], world: int
     """One LoFT sync over all links, exact for any slicing: :func:`link_bytes` of the ranks'
     :func:`loft_sync_bytes`."""
     per = [loft_sync_bytes(model, groups, world, q, carry_momentum) for q in range(world)]
-    return link_bytes(world, sum(p["allgather_sent"] for p in per), sum(p["allreduce_sent"] for p in per), 0)
+    return link_bytes(world, allgather=sum(p["allgather_sent"] for p in per), allreduce=sum(p["allreduce_sent"] for p in per))
 
 
 def dense_fair_step(params: int, world: int) -> int:

@@ -1,4 +1,4 @@
-"""Counted Horovod collectives: every byte handed to or received from a collective is logged.
+"""Counted collectives: every byte handed to or received from a collective is logged.
 
 Accounting (per rank, payload bytes; the wire bytes of the MPI algorithm underneath are not
 visible to Python and are not claimed; methods are compared by the bytes over all links computed
@@ -6,6 +6,8 @@ from this payload, :func:`loft_hpc.exchange.accounting.link_bytes`):
 - ``allgather``: sent = bytes of this rank's input; received = bytes of the output that came
   from the other ranks (output minus own part).
 - ``allreduce``: sent = bytes of the input; received = bytes of the result.
+- ``alltoall``: sent = the parts for the other ranks; received = the parts from them (a rank's
+  part for itself stays in place and is not counted).
 """
 from __future__ import annotations
 
@@ -49,16 +51,22 @@ class CommCounter:
 
 
 class Collectives:
-    """Horovod collectives with byte counting; with one rank they are exact identities that
-    move nothing, and count 0 bytes."""
+    """The collectives with byte counting, over ``backend`` (:mod:`loft_hpc.exchange.backends`:
+    Horovod or torch.distributed; None for one rank, where they are exact identities that move
+    nothing and count 0 bytes). Kinds counted: ``allgather``, ``alltoall``, ``allreduce`` (by
+    default) and whatever kind a caller names (``assemble``: gathering the full model of the
+    lean exchange)."""
 
-    def __init__(self, size: int, counter: CommCounter | None = None) -> None:
-        self.size = size
+    def __init__(self, size: int, counter: CommCounter | None = None, backend=None, rank: int = 0) -> None:
+        if size > 1 and backend is None:
+            raise ValueError(f"{size} ranks need a backend to move data")
+        self.size, self.rank = size, rank
         self.counter = counter or CommCounter()
-        if size > 1:
-            import horovod.torch as hvd
+        self.backend = backend
 
-            self._hvd = hvd
+    @property
+    def backend_name(self) -> str:
+        return "none" if self.backend is None else self.backend.name
 
     def _count(self, kind: str, sent: int, received: int, t0: float | None = None) -> None:
         """Record one collective; a single rank moves nothing, so it counts 0 bytes."""
@@ -66,24 +74,57 @@ class Collectives:
             sent = received = 0
         self.counter.add(kind, sent, received, time.perf_counter() - t0 if t0 is not None else 0.0)
 
-    def allgather(self, t: torch.Tensor, name: str) -> torch.Tensor:
-        t = t.contiguous()
+    def allgather(self, t: torch.Tensor, name: str, sizes: list[int] | None = None, kind: str = "allgather") -> torch.Tensor:
+        """Every rank's ``t`` (1-D), concatenated in rank order. ``sizes``: every rank's numel
+        (the torch backend needs them; without, it gathers them first, uncounted)."""
+        t = t.contiguous().reshape(-1)
         t0 = time.perf_counter()
-        out = t if self.size == 1 else self._hvd.allgather(t, name=name)
-        self._count("allgather", t.nbytes, out.nbytes - t.nbytes, t0)
+        if self.size == 1:
+            out = t
+        else:
+            if sizes is None:
+                sizes = self.gather_sizes(t.numel(), name)
+            out = self.backend.allgather(t, list(sizes), name)
+            if out.numel() != sum(sizes):
+                raise RuntimeError(f"{name}: allgather returned {out.numel()} floats, the plan says {sum(sizes)}")
+        self._count(kind, t.nbytes, out.nbytes - t.nbytes, t0)
+        return out
+
+    def gather_sizes(self, n: int, name: str) -> list[int]:
+        """Every rank's ``n`` (a control message, not counted)."""
+        sizes = torch.zeros(self.size, dtype=torch.float64)
+        sizes[self.rank] = float(n)
+        return [int(v) for v in self.backend.allreduce(sizes, False, f"{name}.sizes").tolist()]
+
+    def alltoall(self, t: torch.Tensor, send: list[int], recv: list[int], name: str) -> torch.Tensor:
+        """Part q of ``t`` (``send[q]`` floats, in rank order) to rank q; returns the parts the
+        ranks sent here (``recv[q]`` from rank q), concatenated in rank order. Counted: what
+        goes to and comes from *other* ranks (a rank's part for itself never leaves it)."""
+        t = t.contiguous().reshape(-1)
+        if t.numel() != sum(send):
+            raise RuntimeError(f"{name}: alltoall input has {t.numel()} floats, the splits {sum(send)}")
+        t0 = time.perf_counter()
+        if self.size == 1:
+            out = t
+        else:
+            out = self.backend.alltoall(t, list(send), list(recv), name)
+            if out.numel() != sum(recv):
+                raise RuntimeError(f"{name}: alltoall returned {out.numel()} floats, the plan says {sum(recv)}")
+        el = t.element_size()
+        self._count("alltoall", el * (sum(send) - send[self.rank]), el * (sum(recv) - recv[self.rank]), t0)
         return out
 
     def allreduce_mean(self, t: torch.Tensor, name: str) -> torch.Tensor:
         t = t.contiguous()
         t0 = time.perf_counter()
-        out = t.clone() if self.size == 1 else self._hvd.allreduce(t, name=name, op=self._hvd.Average)
+        out = t.clone() if self.size == 1 else self.backend.allreduce(t, True, name)
         self._count("allreduce", t.nbytes, out.nbytes, t0)
         return out
 
     def allreduce_sum(self, t: torch.Tensor, name: str, count: bool = True) -> torch.Tensor:
         t = t.contiguous()
         t0 = time.perf_counter()
-        out = t.clone() if self.size == 1 else self._hvd.allreduce(t, name=name, op=self._hvd.Sum)
+        out = t.clone() if self.size == 1 else self.backend.allreduce(t, False, name)
         if count:
             self._count("allreduce", t.nbytes, out.nbytes, t0)
         return out

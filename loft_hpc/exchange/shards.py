@@ -83,7 +83,8 @@ class ShardExchange:
             src = sstate[n] if kind == "w" else sub_mom[n]
             parts.append(src.detach().reshape(-1).float())
         mine = torch.cat(parts) if parts else torch.zeros(0, device=device)
-        gathered = self.coll.allgather(mine, name=f"loft.shards.r{round_}")  # collective order: 1st
+        sizes = [self.shard_numel(fstate, plan.keep(s)) for s in range(plan.world)]  # shard layout: from the plan
+        gathered = self.coll.allgather(mine, name=f"loft.shards.r{round_}", sizes=sizes)  # collective order: 1st
         offset = 0
         with torch.no_grad():
             for s in range(plan.world):  # shard layout: rank s's part follows those of ranks 0..s-1

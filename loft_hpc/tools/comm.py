@@ -39,6 +39,7 @@ from collections import defaultdict
 
 from loft_hpc.exchange.accounting import comm_link_bytes
 from loft_hpc.tools.reading import ToolError, build_model, load_run
+from loft_hpc.train.ledger import COLUMNS as KEYS  # every payload column of /comm
 
 
 def add_arguments(ap) -> None:
@@ -47,9 +48,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--paper", action="store_true", help="the paper's table with the GPipe reconstruction")
 
 
-KEYS = ("allgather_sent", "allgather_received", "allreduce_sent", "allreduce_received", "p2p_sent", "p2p_received")
-SENT = ("allgather_sent", "allreduce_sent", "p2p_sent")
-RECEIVED = ("allgather_received", "allreduce_received", "p2p_received")
+SENT = tuple(k for k in KEYS if k.endswith("_sent"))
+RECEIVED = tuple(k for k in KEYS if k.endswith("_received"))
 
 
 def row_bytes(r, keys=KEYS) -> int:

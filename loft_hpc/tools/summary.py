@@ -233,11 +233,12 @@ def comm_lines(rf) -> list[str]:
     if not counted:
         out.append("  per rank: no /ranks counters in this file")
     if rf.comm:
-        kinds = ("allgather", "allreduce", "p2p")  # p2p: GPipe (files before it have no such columns)
+        from loft_hpc.train.ledger import KINDS as kinds  # files from before a kind existed read it as 0
+
         s = {f"{k}_{d}": sum(int(r.get(f"{k}_{d}", 0)) for r in rf.comm) for k in kinds for d in ("sent", "received")}
         out.append(f"  /comm ({len(rf.comm)} rows): " + "; ".join(
             f"{k} sent {_bytes(s[k + '_sent'])}, received {_bytes(s[k + '_received'])}" for k in kinds
-            if k != "p2p" or s["p2p_sent"] or s["p2p_received"]))
+            if k in ("allgather", "allreduce") or s[k + "_sent"] or s[k + "_received"]))
         from loft_hpc.exchange.accounting import comm_link_bytes
 
         try:

@@ -218,13 +218,6 @@ class GPipeTrainer(RoundTrainer):
     def momentum_state(self) -> dict[str, torch.Tensor]:
         return self._full_momentum
 
-    def _finish(self) -> None:
-        super()._finish()
-        import torch.distributed as tdist
-
-        if tdist.is_initialized():  # the pipeline's group ends with pretraining (prune/retrain use MPI)
-            tdist.destroy_process_group()
-
     def load_momentum(self, momentum: dict[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())
         for n in self.owned_params:

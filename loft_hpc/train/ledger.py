@@ -6,7 +6,9 @@ and rank) and into this rank's running totals, which checkpoints keep per rank.
 """
 from __future__ import annotations
 
-KINDS = ("allgather", "allreduce", "p2p")  # p2p: GPipe's activations and gradients across stage boundaries
+# p2p: GPipe's activations and gradients across stage boundaries; alltoall: the lean exchange's
+# slices; assemble: the lean exchange gathering the full model where it is needed
+KINDS = ("allgather", "allreduce", "p2p", "alltoall", "assemble")
 COLUMNS = tuple(f"{k}_{d}" for k in KINDS for d in ("sent", "received"))
 
 

@@ -102,18 +102,9 @@ def threads_per_rank(threads: int, local_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // local_size)
 
 
-def start_horovod(dist: Dist) -> None:
-    """Horovod on the same communicator (after validation; only needed with more than one rank)."""
-    if dist.size > 1:
-        import horovod.torch as hvd
-
-        hvd.init(comm=dist.comm)
-        assert hvd.rank() == dist.rank and hvd.size() == dist.size
-
-
 def torch_process_group(dist: Dist):
-    """A torch.distributed process group over the MPI ranks (GPipe's point-to-point transfers):
-    gloo on CPU, NCCL on CUDA. Rank 0 picks its host's address and a free port and broadcasts
+    """A torch.distributed process group over the MPI ranks (GPipe's point-to-point transfers,
+    the collectives of ``train.backend=torch``): gloo on CPU, NCCL on CUDA. Rank 0 picks its host's address and a free port and broadcasts
     them over MPI (a control message): no launcher or environment is needed. Made once per
     process; None for a single rank."""
     if dist.size == 1:
@@ -139,3 +130,12 @@ def torch_process_group(dist: Dist):
                                  device_id=dist.device if dist.device.type == "cuda" else None)
     return tdist.group.WORLD
 
+
+
+def close_torch_group() -> None:
+    """Destroy the torch.distributed process group of this process, if there is one (at the
+    end of a job: every rank calls it)."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
