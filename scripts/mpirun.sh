@@ -18,7 +18,8 @@ fi
 # (SLURM jobs get the same check from slurm/common.sh, loft_stall_check: 60 s / 600 s there.)
 export HOROVOD_STALL_CHECK_TIME_SECONDS="${HOROVOD_STALL_CHECK_TIME_SECONDS:-60}"
 export HOROVOD_STALL_SHUTDOWN_TIME_SECONDS="${HOROVOD_STALL_SHUTDOWN_TIME_SECONDS:-120}"
-env_args=(-x OMP_NUM_THREADS -x HOROVOD_STALL_CHECK_TIME_SECONDS -x HOROVOD_STALL_SHUTDOWN_TIME_SECONDS -x PATH)
+env_args=(-x HOROVOD_STALL_CHECK_TIME_SECONDS -x HOROVOD_STALL_SHUTDOWN_TIME_SECONDS -x PATH)
+[ -n "${OMP_NUM_THREADS:-}" ] && env_args+=(-x OMP_NUM_THREADS)  # (-x of an unset variable: a warning line)
 [ -n "${PYTHONPATH:-}" ] && env_args+=(-x PYTHONPATH)
 [ -n "${LOFT_FAULT_INJECT:-}" ] && env_args+=(-x LOFT_FAULT_INJECT)
 # --quiet: no "Primary job terminated normally, but 1 process returned a non-zero exit code"

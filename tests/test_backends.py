@@ -19,8 +19,12 @@ import torch
 import yaml
 
 from loft_hpc.checkpoint.h5file import read_run_file
+from loft_hpc.config import load_config
+from loft_hpc.data import build_datasets
+from loft_hpc.exchange.accounting import comm_link_bytes, loft_fair_sync_bytes
+from loft_hpc.stages.common import make_model
 from loft_hpc.testing.compare import run_differences
-from tests.mpi_util import TINY, ok, run_job
+from tests.mpi_util import REPO, TINY, ok, run_job
 
 SHORT = TINY + ["train.duration=12it", "train.eval_every=6it", "train.local_steps=4", "train.seed=5",
                 "prune.ratios=[0.5]", "retrain.duration=4it", "output.snapshot_every=4it"]
@@ -68,6 +72,11 @@ def test_four_ranks_uneven_deal_same_bytes_weights_to_rounding(tmp_path):
         torch.testing.assert_close(a.momentum[n], b.momentum[n], rtol=1e-4, atol=1e-5, msg=n)
     for ra, rb in zip(a.metrics, b.metrics):
         assert ra["test_acc"] == pytest.approx(rb["test_acc"], abs=1 / 64 + 1e-9)
+    # a real 4-rank file in the fair convention: 3 syncs (12 steps, K = 4) of (S-1) x the shards
+    # + 2 (S-1) x the shared floats, as the accounting's closed form has it
+    cfg = load_config(str(REPO / "configs" / "default.yaml"), [*SHORT, "output.dir=unused"])
+    model = make_model(cfg, build_datasets(cfg.data))
+    assert comm_link_bytes(a.comm, 4) == 3 * loft_fair_sync_bytes(model, model.filter_groups(), 4, True) > 0
 
 
 @pytest.fixture

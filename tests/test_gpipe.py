@@ -154,6 +154,7 @@ def test_sigterm_to_a_gpipe_stage_checkpoints_exits_3_and_resumes_exactly(gpipe_
     (["train.microbatches=3"], "train.microbatches=3: data.batch_size=16 is not a multiple"),
     (["train.pipeline_cuts=[layer9.0]"], "train.pipeline_cuts: 'layer9.0' is not a pipeline block"),
     (["train.pipeline_cuts=[layer2.0,layer3.0]"], "train.pipeline_cuts: 2 cut(s) for 2 stages"),
+    (["train.pipeline_cuts=[stem]"], "train.pipeline_cuts: ['stem'] do not split the blocks into 2 non-empty stages in order"),
     (["model.arch=conv2", "model.inner_width_factor=1"], "train.method=gpipe: model.arch=conv2: ConvNet has no pipeline layout (GPipe cuts the ResNets"),
 ])
 def test_bad_gpipe_settings_one_line_exit_2(tmp_path, extra, needle):

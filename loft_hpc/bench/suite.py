@@ -394,10 +394,13 @@ def markdown(res: dict) -> str:
                  f"{fmt_bytes(r['fair_per_epoch_difference'])} | {fmt_bytes(r['paper_per_epoch_analytic'])} | "
                  f"{'-' if ips is None else f'{ips:,.1f}'} | {r['wall_per_epoch']:,.2f} | {share} | "
                  f"{fmt_mib(r['peak_rss_bytes_max'])} | {fmt_mib(cuda)} |")
+    unequal = [f"{r['method']}-{r['S']}" for r in res["runs"] if not r["per_rank_equal"]]
+    payload_check = "DIFFERENT for " + ", ".join(unequal) if unequal else "equal for every run"
     L += ["", "Bytes: fair = total over all links, both directions, each byte once on every link it crosses, "
           "collectives as their bandwidth-optimal ring algorithms (allgather: (S-1) x the inputs; allreduce: 2 (S-1) x "
           "the floats; point-to-point: the bytes sent). Measured: that rule applied to every /comm row of the job (what "
-          "each rank handed to its collectives; every rank's payload also equals its analytic count); analytic: "
+          "each rank handed to its collectives; every rank's payload is checked against its analytic count: "
+          f"{payload_check}); analytic: "
           "loft_hpc/exchange/accounting.py for the same steps, plus the dense runs' BN averaging at their evaluation; "
           "paper = the paper's convention (LoFT: a parameter server hands each worker its sub-network "
           "of parameters, one direction; GPipe: activations forward + gradients backward at the S-1 cuts, once each; "
@@ -469,6 +472,14 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BenchError as e:  # a job that failed: one line, its log's tail, exit 1
+        print(f"bench: error: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     a = parse_args(argv)
     from loft_hpc.bench.machine import describe, load_average
     from loft_hpc.run import default_config_path
@@ -480,6 +491,11 @@ def main(argv: list[str] | None = None) -> int:
     setting = Setting(config, [*(TINY if a.tiny else CIFAR_SHAPED), *a.sets], a.epochs, a.local_steps,
                       a.microbatches, a.balance)
     methods = list(a.methods)
+    if "gpipe" in methods and min(a.ranks) < 2:
+        raise BenchError(f"--ranks {min(a.ranks)}: GPipe needs at least 2 ranks (one pipeline stage each); "
+                         f"leave gpipe out of --methods or use --ranks 2 4")
+    if "gpipe" in methods and setting.batch % setting.microbatches:
+        raise BenchError(f"--microbatches {setting.microbatches}: the batch {setting.batch} is not a multiple of it")
     skipped = ""
     if "gpipe" in methods and not gpipe_available():
         methods.remove("gpipe")

@@ -37,9 +37,9 @@ payload (``/comm`` columns, per rank): what each rank hands to its collectives a
     allreduce: sent = input, received = result; p2p: the tensors sent and received). It is what
     the ranks can measure, exactly, and :func:`loft_sync_bytes`, :func:`dense_step_bytes`,
     :func:`dense_eval_rank_bytes` and :func:`gpipe_rank_step_bytes` predict it per rank. It is
-    not a convention for comparing methods: a collective's payload over-counts LoFT and dense
-    against a pipeline's point-to-point by S/(S-1) at S ranks (2x at S = 2, 1.33x at S = 4, while
-    p2p payload is 2x the link bytes at every S).
+    not a convention for comparing methods: summed over the ranks, a collective's payload is
+    S/(S-1) x its link bytes (2x at S = 2, 1.33x at S = 4) but a point-to-point transfer's is 2x at
+    every S, so payload figures favour LoFT and dense against GPipe at S > 2 (by 1.5x at S = 4).
 paper (``*_paper_*``): the LoFT paper's table (LOFT_SPEC 6, 6a). LoFT: a parameter server hands
     each of the S workers its sub-network, P_par/S + Sh_par parameters, one direction, per sync
     (parameters only: with them the table's ten LoFT figures imply 499.94-499.99 syncs on CIFAR
@@ -330,8 +330,8 @@ class MethodBytes:
         return self.paper_per_sync * self.syncs_per_epoch
 
     def fair_for_steps(self, steps: int) -> int:
-        """Bytes over all ranks of a run of ``steps`` steps (LoFT: ceil(steps / K) syncs, the last
-        one after a shorter round)."""
+        """Bytes over all links (fair) of a run of ``steps`` steps (LoFT: ceil(steps / K) syncs, the
+        last one after a shorter round)."""
         return self.fair_per_sync * -(-steps // self.steps_per_sync)
 
 

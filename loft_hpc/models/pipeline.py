@@ -44,7 +44,7 @@ def pipeline_blocks(model) -> list[tuple[str, nn.Module]]:
     ValueError for a model without a pipeline layout."""
     if not isinstance(model, ResNetBase):
         raise ValueError(f"{type(model).__name__} has no pipeline layout (GPipe cuts the ResNets: "
-                         f"preresnet18, preresnet34, resnet34)")
+                         f"preresnet18, preresnet34, resnet34, resnet18_lth)")
     blocks = [("stem", ResNetStem(model))]
     for name in model.stage_names:
         blocks += [(f"{name}.{i}", blk) for i, blk in enumerate(getattr(model, name))]

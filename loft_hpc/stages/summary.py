@@ -26,13 +26,13 @@ def _gb(n: float) -> str:
 def _retrained_row(name: str, path: Path) -> str:
     """One row of a retrained file: its last test accuracy, pruned fraction and bytes."""
     if not path.is_file():
-        return f"{name:<28} {'(not retrained)':>9}"
+        return f"{name:<30} {'(not retrained)':>9}"
     rf = read_run_file(path)
     m = rf.metrics[-1] if rf.metrics else {}
     kept = sum(r["kept"] for r in rf.sparsity)
     total = sum(r["total"] for r in rf.sparsity)
     nbytes = comm_link_bytes(rf.comm, rf.world_size)
-    return (f"{name:<28} {m.get('test_acc', float('nan')):>9.4f} "
+    return (f"{name:<30} {m.get('test_acc', float('nan')):>9.4f} "
             f"{1 - kept / max(total, 1):>8.1%} {_gb(nbytes):>28}")
 
 
@@ -73,7 +73,7 @@ def summary_table(paths: RunPaths, ratios: list[float], mask_from: str = "end", 
     pre = read_run_file(paths.pretrain) if paths.pretrain.is_file() else None
     if mask_from != "end":  # a snapshot's tickets: say which (the pretrained row is still the end's model)
         lines.append(f"tickets found at pretraining snapshot {mask_from}; 'pretrained' is the model at the end of pretraining")
-    head = f"{'model':<28} {'test acc':>9} {'pruned':>8} {'bytes over all links':>28}"
+    head = f"{'model':<30} {'test acc':>9} {'pruned':>8} {'bytes over all links':>28}"
     lines += [head, "-" * len(head)]
     if pre is not None:
         m = pre.metrics[-1] if pre.metrics else {}
@@ -81,7 +81,7 @@ def summary_table(paths: RunPaths, ratios: list[float], mask_from: str = "end", 
         cfg = yaml.safe_load(pre.config_yaml)
         method = {"loft": "LoFT", "gpipe": "GPipe"}.get(cfg["train"]["method"], "dense")
         name = f"pretrained {method}-{pre.world_size} (unpruned)"
-        lines.append(f"{name:<28} {m.get('test_acc', float('nan')):>9.4f} {0:>8.1%} {_gb(nbytes):>28}")
+        lines.append(f"{name:<30} {m.get('test_acc', float('nan')):>9.4f} {0:>8.1%} {_gb(nbytes):>28}")
     for ratio in ratios:
         p = paths.retrain(mask_from, ratio)
         lines.append(_retrained_row(f"ticket {ratio:.0%}" + (" retrained" if p.is_file() else ""), p))

@@ -304,9 +304,10 @@ def print_loft_paper() -> None:
         print(f"{r['setting']:<23} S={r['S']:<1} {r['gpipe_paper_G']:>11.2f} {r['loft_paper_G']:>10.2f} "
               f"{r['improvement_paper']:>6.2f}x {r['printed']:>7} | {r['gpipe_fair_G']:>10.2f} {r['loft_fair_G']:>9.2f} "
               f"{r['improvement_fair']:>6.2f}x | {r['loft_fair_carry_G']:>10.2f} {r['improvement_fair_carry']:>6.2f}x")
-    print("Fair LoFT-S / paper LoFT-S = (S-1) (P + 2 Sh) / (P + S Sh): above 1 (every rank's shard reaches S-1 "
-          "others, and the shared tensors cross 2 (S-1) links) while GPipe's is 1: the improvement shrinks by that "
-          "factor.")
+    print("Fair LoFT-S / paper LoFT-S = (S-1) (P + 2 Sh) / (P + S Sh): 1 at S = 2 (the fair column differs there "
+          "only by the BN statistics the exchange also moves), above 1 at S > 2 (every rank's shard reaches S-1 "
+          "others, and the shared tensors cross 2 (S-1) links) while GPipe's ratio is 1: the improvement shrinks "
+          "by that factor.")
 
 
 # ----------------------------------------------------------------------------------- run files
@@ -340,26 +341,52 @@ def comm_summary(rf) -> dict:
             "rows": len(rf.comm), "links": links, "links_sync": links_sync}
 
 
-def analytic(rf) -> tuple[str, dict[int, int] | None]:
-    """Expected bytes (sent + received) per rank and row, from the model rebuilt out of the config."""
-    from loft_hpc.exchange.accounting import dense_step_bytes, loft_sync_bytes
+def expected_row(rf, exp: dict[int, int], extra: tuple[int, set[int]] | None, row) -> int:
+    """The analytic payload of one /comm row: the per-round figure of its rank, plus, for dense
+    runs, the BN averaging of an evaluation or weight snapshot at the row's step (``extra``:
+    bytes per rank, steps)."""
+    want = exp.get(int(row["rank"]), -1)
+    if extra is not None and int(row["step"]) in extra[1]:
+        want += extra[0]
+    return want
+
+
+def dense_boundary_steps(rf) -> set[int]:
+    """Steps where a dense run averaged its BN statistics: its evaluations (/metrics) and weight
+    snapshots (``weights@<step>it.h5``)."""
+    import re
+
+    steps = {int(m["step"]) for m in rf.metrics}
+    for p in rf.weight_snapshots.values():
+        m = re.search(r"weights@(\d+)it\.h5$", str(p))
+        if m:
+            steps.add(int(m.group(1)))
+    return steps
+
+
+def analytic(rf) -> tuple[str, dict[int, int] | None, tuple[int, set[int]] | None]:
+    """Expected payload (sent + received) per rank and row, from the model rebuilt out of the
+    config; for dense runs also the BN averaging per rank and the steps where it happened."""
+    from loft_hpc.exchange.accounting import dense_eval_rank_bytes, dense_step_bytes, loft_sync_bytes
 
     built = build_model(rf)
     if built is None:
-        return "model could not be rebuilt from the file's config", None
+        return "model could not be rebuilt from the file's config", None, None
     model, cfg = built
     world = rf.world_size
     method = cfg.train.method if rf.stage.startswith("pretrain") else "dense"
     if method == "loft":
         carry = cfg.train.momentum_mode == "carry" and cfg.train.momentum > 0
         exp = {q: sum(loft_sync_bytes(model, model.filter_groups(), world, q, carry).values()) for q in range(world)}
-        return f"LoFT, loft_sync_bytes(world={world}, carry_momentum={carry}) per round", exp
+        return f"LoFT, loft_sync_bytes(world={world}, carry_momentum={carry}) per round", exp, None
     if method == "gpipe":
-        return gpipe_analytic(rf, model, cfg)
+        return (*gpipe_analytic(rf, model, cfg), None)
     if world == 1:
-        return "dense on 1 rank: no traffic expected", dict.fromkeys(range(world), 0)
+        return "dense on 1 rank: no traffic expected", dict.fromkeys(range(world), 0), None
     b = sum(dense_step_bytes(model).values())
-    return f"dense, dense_step_bytes per step (K = 1) on {world} ranks", dict.fromkeys(range(world), b)
+    ev = sum(dense_eval_rank_bytes(model).values())
+    return (f"dense, dense_step_bytes per step (K = 1) on {world} ranks, + dense_eval_rank_bytes {ev:,} B at an "
+            f"evaluation or weight snapshot", dict.fromkeys(range(world), b), (ev, dense_boundary_steps(rf)))
 
 
 def gpipe_analytic(rf, model, cfg) -> tuple[str, dict[int, int] | None]:
@@ -435,10 +462,10 @@ def print_run(path: str, rf, per_round: bool) -> dict:
     lps = s["links_sync"] / nsync if nsync else 0
     print(f"   over all links (fair convention: allgather (S-1) x sent, allreduce 2 (S-1)/S x sent, p2p sent): "
           f"{s['links']:,} B = {fmt_bytes(s['links'])}; per sync {fmt_bytes(lps)}")
-    text, exp = analytic(rf)
+    text, exp, extra = analytic(rf)
     if exp is not None:
         rows = [r for r in rf.comm if int(r["round"]) > 0]
-        ok = sum(1 for r in rows if row_bytes(r) == exp.get(int(r["rank"]), -1))
+        ok = sum(1 for r in rows if row_bytes(r) == expected_row(rf, exp, extra, r))
         per = ", ".join(f"rank {q} {b:,}" for q, b in exp.items())
         print(f"   analytic ({text}): {per} B per row; {ok}/{len(rows)} rows equal it")
     else:

@@ -95,7 +95,8 @@ def config_lines(rf) -> list[str]:
     if method == "loft":
         line += f", K {g(t, 'local_steps')} (train.local_steps), momentum {g(t, 'momentum_mode')}"
     line += (f", duration {g(t, 'duration')}, lr {g(t, 'lr')} ({g(t, 'schedule')}), "
-             f"batch {g(d, 'batch_size')} per rank, data {g(d, 'name')}")
+             f"batch {g(d, 'batch_size')} {'global (split into micro-batches)' if method == 'gpipe' else 'per rank'}, "
+             f"data {g(d, 'name')}")
     prune = (f"  prune: {g(p, 'method')} {g(p, 'scope')}, ratios {g(p, 'ratios')}, levels {g(p, 'levels')}, "
              f"mask_from {g(p, 'mask_from')}, rewind {g(p, 'rewind')}; retrain: duration {g(r, 'duration')}")
     ticket = (f"  ticket detection: criterion {g(t, 'ticket_criterion')}, window {g(t, 'ticket_window')}, "

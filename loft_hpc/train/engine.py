@@ -338,7 +338,7 @@ class RoundTrainer:
         log(f"{self.ckpt_stage} step {self.step}/{self.total} (epoch {row['epoch']:.2f}, round {self.round}) "
             f"{self.step_loss_name} {row['step_loss']:.4f} train_loss {row['train_loss']:.4f} "
             f"train_acc {row['train_acc']:.4f} test_acc {row['test_acc']:.4f} "
-            f"lr {row['lr']:.4g} bytes {int(sent + recv):,} wall {self.wall:.1f}s", rank=self.dist.rank)
+            f"lr {row['lr']:.4g} payload {int(sent + recv):,} B wall {self.wall:.1f}s", rank=self.dist.rank)
 
     def _snapshot(self) -> bool:
         """Append the filter scores of this boundary to the history (every rank keeps it: the

@@ -57,7 +57,12 @@ def resolve_cuts(cfg, blocks: list[tuple[str, nn.Module]], stages: int, sample: 
         cuts = [names.index(c) for c in t.pipeline_cuts]
         if len(cuts) != stages - 1:
             raise ValueError(f"train.pipeline_cuts: {len(cuts)} cut(s) for {stages} stages (need {stages - 1})")
-        stage_ranges(len(blocks), cuts)  # in order, non-empty stages
+        try:
+            stage_ranges(len(blocks), cuts)  # in order, non-empty stages
+        except ValueError:
+            raise ValueError(f"train.pipeline_cuts: {list(t.pipeline_cuts)} do not split the blocks into "
+                             f"{stages} non-empty stages in order (the first stage begins at {names[0]}; cuts are "
+                             f"later blocks, increasing: {', '.join(names[1:])})") from None
         return cuts
     costs = block_params(blocks) if t.pipeline_balance == "params" else block_flops(blocks, sample)
     return balanced_cuts(costs, stages)
