@@ -68,6 +68,28 @@ class ShardExchange:
     def shard_numel(self, full_state: dict, keep) -> int:
         return sum(_numel_of_slice(full_state[n].shape, self.slicer.index(n, keep)) for _, n in self.shard_tensors(keep))
 
+    def average_shared(self, sstate: dict, sub_mom: dict, dst_state: dict, dst_mom: dict, round_: int) -> None:
+        """The shared tensors (and, with carry, the shared parameters' momentum) of ``sstate`` /
+        ``sub_mom`` averaged over the ranks in one named allreduce, written into ``dst_state`` /
+        ``dst_mom`` (which may be the same dicts)."""
+        parts = [sstate[n].detach().reshape(-1).float() for n in self.shared]  # shard layout: state_dict order
+        if self.carry:
+            parts += [sub_mom[n].reshape(-1).float() for n in self.shared_params]
+        if not parts:
+            return
+        avg = self.coll.allreduce_mean(torch.cat(parts), name=f"loft.shared.r{round_}")  # collective order: every rank
+        offset = 0
+        with torch.no_grad():
+            for n in self.shared:
+                t = dst_state[n]
+                t.copy_(avg[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+            if self.carry:
+                for n in self.shared_params:
+                    t = dst_mom[n]
+                    t.copy_(avg[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
+
     # ---- exchange
     def exchange(self, full: nn.Module, sub: nn.Module, full_mom: dict, sub_mom: dict, plan: PartitionPlan, rank: int, round_: int) -> None:
         """Write the round's result into ``full`` (and ``full_mom``), identical on every rank.
@@ -99,23 +121,7 @@ class ShardExchange:
                     self.slicer.write_back(n, dst, gathered[offset:offset + k].view(shape), keep_s)
                     offset += k
         assert offset == gathered.numel(), "shard layout mismatch between ranks"
-        # -- shared tensors and shared momentum: one averaged allreduce
-        parts = [sstate[n].detach().reshape(-1).float() for n in self.shared]  # shard layout: state_dict order
-        if self.carry:
-            parts += [sub_mom[n].reshape(-1).float() for n in self.shared_params]
-        if parts:
-            avg = self.coll.allreduce_mean(torch.cat(parts), name=f"loft.shared.r{round_}")  # collective order: 2nd
-            offset = 0
-            with torch.no_grad():
-                for n in self.shared:
-                    t = fstate[n]
-                    t.copy_(avg[offset:offset + t.numel()].view_as(t))
-                    offset += t.numel()
-                if self.carry:
-                    for n in self.shared_params:
-                        t = full_mom[n]
-                        t.copy_(avg[offset:offset + t.numel()].view_as(t))
-                        offset += t.numel()
+        self.average_shared(sstate, sub_mom, fstate, full_mom, round_)  # collective order: 2nd
         # integer buffers (num_batches_tracked) advanced identically on every rank
         for n, t in sstate.items():
             if not t.is_floating_point() and n in fstate:

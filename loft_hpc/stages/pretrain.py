@@ -20,7 +20,12 @@ def run_pretrain(ctx: Context, bundle) -> None:
     t = cfg.train
     kw = dict(ckpt_stage="pretrain", final_path=paths.pretrain, duration=t.duration, init=init, identity=identity)
     if t.method == "loft":
-        trainer = LoftTrainer(ctx, model, groups, lr_fn=lr_function(t), **kw)
+        if t.exchange == "alltoall":
+            from loft_hpc.train.loft_lean import LeanLoftTrainer
+
+            trainer = LeanLoftTrainer(ctx, model, groups, lr_fn=lr_function(t), **kw)
+        else:
+            trainer = LoftTrainer(ctx, model, groups, lr_fn=lr_function(t), **kw)
         log(f"pretrain: LoFT-{ctx.dist.size}, K={t.local_steps}, momentum {t.momentum_mode}, "
             f"{sum(g.partitioned for g in groups)}/{len(groups)} filter groups partitioned", rank=ctx.dist.rank)
     elif t.method == "gpipe":

@@ -177,6 +177,10 @@ class RoundTrainer:
         """Hook, on every rank: make the full model current on every rank before a boundary that
         snapshots, evaluates or saves (GPipe gathers its stages; the others hold it already)."""
 
+    def before_save(self) -> None:
+        """Hook, on every rank, before a checkpoint or the final file is written (after
+        :meth:`before_boundary`): the lean exchange gathers the full momentum."""
+
     def before_eval(self) -> None:
         """Hook: make the model identical on every rank before it is evaluated or saved (dense:
         average the BN statistics; LoFT: recalibrate them). Runs inside :meth:`assembled`, which

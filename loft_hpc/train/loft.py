@@ -24,6 +24,7 @@ from loft_hpc.utils.log import log
 
 class LoftTrainer(RoundTrainer):
     stage = "pretrain"
+    sync_check_says = "all ranks identical"
 
     def __init__(self, ctx, model, groups, **kw) -> None:
         super().__init__(ctx, model, groups, steps_per_round=ctx.cfg.train.local_steps, shard=ctx.cfg.data.shard, **kw)
@@ -92,7 +93,7 @@ class LoftTrainer(RoundTrainer):
     def _finish(self) -> None:
         super()._finish()
         if self.cfg.train.check_sync:
-            log(f"sync check: {self.sync_checks} rounds, all ranks identical after every exchange", rank=self.dist.rank)
+            log(f"sync check: {self.sync_checks} rounds, {self.sync_check_says} after every exchange", rank=self.dist.rank)
 
     def momentum_state(self):
         return self.full_mom

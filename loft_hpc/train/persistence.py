@@ -63,6 +63,7 @@ def gather_rank_states(tr, buffers: dict) -> list[dict] | None:
 
 def save_checkpoint(tr) -> None:
     tr.before_boundary()  # every rank (e.g. a checkpoint for a stop signal at any round)
+    tr.before_save()      # every rank: what the file needs beyond the model (the lean exchange's momentum)
     ranks = gather_rank_states(tr, dict(tr.model.named_buffers()))
     if tr.dist.is_root:
         p = tr.ctx.paths.ckpt(tr.ckpt_stage, tr.step)
@@ -74,6 +75,8 @@ def save_checkpoint(tr) -> None:
 
 def save_final(tr) -> None:
     """The stage's file, with the assembled model (which the trainer keeps afterwards)."""
+    tr.before_boundary()  # every rank; nothing when the last boundary already made the model whole
+    tr.before_save()
     with tr.assembled() as raw:
         ranks = gather_rank_states(tr, raw)
         if tr.dist.is_root:
