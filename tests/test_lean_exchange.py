@@ -70,3 +70,19 @@ def test_killed_lean_run_resumes_bit_exactly(tmp_path):
     p = ok(run_job(2, [*args, f"output.dir={out}"]))
     assert "resumed from" in p.stdout and "at step 8/12" in p.stdout, p.stdout[-1500:]
     assert_same_run(read_run_file(tmp_path / "straight" / "pretrain.h5"), read_run_file(out / "pretrain.h5"))
+
+
+def test_an_allgather_checkpoint_resumes_under_alltoall(tmp_path):
+    """train.exchange is not part of the run's identity (the arithmetic is the same): a run killed
+    under allgather and resumed under alltoall ends with the uninterrupted allgather run's weights,
+    momentum and metrics; only what moved after the resume differs."""
+    ok(run_job(2, ["--stage", "pretrain", *BASE, f"output.dir={tmp_path / 'straight'}"]))
+    out = tmp_path / "switched"
+    p = run_job(2, ["--stage", "pretrain", *BASE, f"output.dir={out}"], env={"LOFT_FAULT_INJECT": "1:2:pretrain:kill"})
+    assert p.returncode != 0
+    p = ok(run_job(2, ["--stage", "pretrain", *BASE, "train.exchange=alltoall", f"output.dir={out}"]))
+    assert "resumed from" in p.stdout and "at step 8/12" in p.stdout, p.stdout[-1500:]
+    a, b = read_run_file(tmp_path / "straight" / "pretrain.h5"), read_run_file(out / "pretrain.h5")
+    diff = [d for d in run_differences(a, b) if not any(k in d for k in BYTES)]
+    assert not diff, diff[:6]
+    assert _moved(out / "pretrain.h5")["alltoall"] > 0 and _moved(out / "pretrain.h5")["allgather"] > 0
