@@ -131,3 +131,24 @@ def test_differences_each_kind_of_change():
     assert differences({"kind": "k", "config": {}}, {"kind": "k", "config": {"x": None}}) == ["x <unset> -> None"]
     assert differences({"kind": "k", "config": {"x": None}}, {"kind": "k", "config": {}}) == ["x None -> <unset>"]
     assert differences({"kind": "k", "config": {"x": None}}, {"kind": "k", "config": {"x": None}}) == []
+
+
+def test_a_zombie_holds_no_lock():
+    """A killed job's rank that nobody has reaped yet is a zombie: kill(pid, 0) still succeeds, but
+    the lock must count it dead (else a resumed job is refused until init reaps it)."""
+    import os
+    import subprocess
+    import time
+
+    from loft_hpc.checkpoint.lock import _alive
+
+    child = subprocess.Popen(["sleep", "0"])
+    deadline = time.time() + 10
+    while time.time() < deadline:  # exited, not reaped: a zombie
+        with open(f"/proc/{child.pid}/stat") as f:
+            if f.read().rpartition(")")[2].split()[0] == "Z":
+                break
+        time.sleep(0.01)
+    assert not _alive(child.pid)
+    child.wait()
+    assert _alive(os.getpid())

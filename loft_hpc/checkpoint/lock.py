@@ -59,13 +59,20 @@ def _stale(holder: dict, me: dict) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process. A zombie (killed, not yet reaped: a killed job's ranks
+    whose parent died with them wait for init) is dead: it holds no file and will never write."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):  # no /proc (or it ended meanwhile): kill(0) answered
+        return True
+    return state not in ("Z", "X")
 
 
 class RunLock:
