@@ -10,8 +10,13 @@ from __future__ import annotations
 import pytest
 
 from loft_hpc.checkpoint.h5file import read_run_file
+from loft_hpc.config import load_config
+from loft_hpc.data import build_datasets
+from loft_hpc.exchange.accounting import assemble_bytes, loft_alltoall_bytes
+from loft_hpc.partition.plan import PartitionPlan
+from loft_hpc.stages.common import make_model
 from loft_hpc.testing.compare import run_differences
-from tests.mpi_util import TINY, assert_same_run, ok, run_job
+from tests.mpi_util import REPO, TINY, assert_same_run, ok, run_job
 
 K = 4
 BASE = TINY + ["train.duration=12it", f"train.local_steps={K}", "train.eval_every=8it", "output.snapshot_every=4it",
@@ -59,6 +64,30 @@ def test_alltoall_equals_allgather_after_every_round(tmp_path, np_, extra):
     assert ag["allgather"] > 0 and ag["alltoall"] == ag["assemble"] == 0
     assert at["allgather"] == 0 and at["alltoall"] > 0 and at["assemble"] > 0
     assert at["alltoall"] < ag["allgather"]
+    _bytes_equal_the_plans(runs["alltoall"] / "pretrain.h5", np_, extra)
+
+
+def _bytes_equal_the_plans(path, world: int, extra: list[str]) -> None:
+    """Every rank's /comm row of every round equals the analytic count from the two plans: the
+    alltoall from round r-1's deal to round r's, the shared allreduce, and the assembly of the
+    weights and the momentum (every round here ends at a snapshot and a checkpoint or the file)
+    under round r's deal."""
+    cfg = load_config(str(REPO / "configs" / "default.yaml"), [*BASE, *extra, "output.dir=unused"])
+    model = make_model(cfg, build_datasets(cfg.data))
+    groups = model.filter_groups()
+    part = [g for g in groups if g.partitioned]
+    keeps = {r: [PartitionPlan.draw(cfg.train.seed, r, part, world).keep(s) for s in range(world)] for r in range(4)}
+    rows = [r for r in read_run_file(path).comm if r["round"] >= 1]
+    assert len(rows) == 3 * world
+    for row in rows:
+        r, q = row["round"], row["rank"]
+        want = loft_alltoall_bytes(model, groups, keeps[r - 1], keeps[r], q, True)
+        for mom in (False, True):
+            for k, v in assemble_bytes(model, groups, keeps[r], q, mom).items():
+                want[k] = want.get(k, 0) + v
+        got = {k: row[k] for k in want}
+        assert got == want, (r, q, got, want)
+        assert row["allgather_sent"] == row["allgather_received"] == row["p2p_sent"] == 0
 
 
 def test_killed_lean_run_resumes_bit_exactly(tmp_path):

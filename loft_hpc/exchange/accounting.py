@@ -169,6 +169,63 @@ def loft_sync_bytes(model: nn.Module, groups: list[FilterGroup], world: int, ran
     }
 
 
+def _homes(model: nn.Module, groups: list[FilterGroup]) -> dict[str, tuple[str, int, int]]:
+    """Partitioned tensor -> (group, repeat, floats per entry) of its home dim, the lowest dim a
+    partitioned group slices (the lean exchange's rule, restated here)."""
+    state = model.state_dict()
+    best: dict[str, tuple[int, str, int]] = {}
+    for g in groups:
+        if g.partitioned:
+            for m in g.members:
+                if m.tensor not in best or m.dim < best[m.tensor][0]:
+                    best[m.tensor] = (m.dim, g.name, m.repeat)
+    return {t: (g, rep, state[t].numel() // state[t].shape[d]) for t, (d, g, rep) in best.items()}
+
+
+def loft_alltoall_bytes(model: nn.Module, groups: list[FilterGroup], keep_now: list[dict], keep_next: list[dict],
+                        rank: int, carry_momentum: bool) -> dict:
+    """``/comm`` columns of ``rank`` for one sync of the lean exchange (``train.exchange=alltoall``),
+    from the ranks' filters this round (``keep_now[s]``: group -> channels) and next round.
+
+    moving(s, q) = sum over partitioned tensors T of |now(s) ∩ next(q)| x repeat x floats per entry
+                   (channels of T's home group; x2 for parameters when momentum is carried)
+    alltoall: sent = 4 sum_{q != rank} moving(rank, q), received = 4 sum_{s != rank} moving(s, rank)
+    allreduce: as :func:`loft_sync_bytes` (the shared tensors are averaged the same way)"""
+    world = len(keep_now)
+    if world == 1:
+        return {"alltoall_sent": 0, "alltoall_received": 0, "allreduce_sent": 0, "allreduce_received": 0}
+    params = {n for n, _ in model.named_parameters()}
+    homes = _homes(model, groups)
+
+    def moving(s: int, q: int) -> int:
+        n = 0
+        for t, (g, rep, per) in homes.items():
+            common = set(keep_now[s][g].tolist()) & set(keep_next[q][g].tolist())
+            n += len(common) * rep * per * (2 if carry_momentum and t in params else 1)
+        return n
+
+    shared = loft_sync_bytes(model, groups, world, rank, carry_momentum)
+    return {"alltoall_sent": FLOAT_BYTES * sum(moving(rank, q) for q in range(world) if q != rank),
+            "alltoall_received": FLOAT_BYTES * sum(moving(s, rank) for s in range(world) if s != rank),
+            "allreduce_sent": shared["allreduce_sent"], "allreduce_received": shared["allreduce_received"]}
+
+
+def assemble_bytes(model: nn.Module, groups: list[FilterGroup], keep: list[dict], rank: int, momentum: bool) -> dict:
+    """``/comm`` assemble columns of ``rank`` for one assembly of the lean exchange: its home
+    slices sent (weights; with ``momentum`` the momentum of the parameter tensors instead),
+    the others' received."""
+    params = {n for n, _ in model.named_parameters()}
+    homes = {t: h for t, h in _homes(model, groups).items() if not momentum or t in params}
+
+    def held(s: int) -> int:
+        return sum(len(keep[s][g]) * rep * per for g, rep, per in homes.values())
+
+    if len(keep) == 1:
+        return {"assemble_sent": 0, "assemble_received": 0}
+    return {"assemble_sent": FLOAT_BYTES * held(rank),
+            "assemble_received": FLOAT_BYTES * sum(held(s) for s in range(len(keep)) if s != rank)}
+
+
 def dense_step_bytes(model: nn.Module) -> dict:
     """``/comm`` columns of every rank (S > 1) for one dense step: the gradients of all trainable
     parameters, allreduced."""
