@@ -16,7 +16,9 @@ def run_pretrain(ctx: Context, bundle) -> None:
         return
     model = make_model(cfg, bundle, ctx.dist.device)
     groups = model.filter_groups()
-    init = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+    # theta_0 for the file's /init: only rank 0 writes files, so only rank 0 keeps a copy (a
+    # full model's worth of memory the other ranks do not hold)
+    init = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()} if ctx.dist.is_root else None
     t = cfg.train
     kw = dict(ckpt_stage="pretrain", final_path=paths.pretrain, duration=t.duration, init=init, identity=identity)
     if t.method == "loft":

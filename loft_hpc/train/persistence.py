@@ -177,7 +177,7 @@ def try_resume(tr) -> bool:
     tr.step, tr.round, tr.wall = int(p["step"]), int(p["round"]), float(p["wall_time"])
     tr.ledger.load(mine)
     tr.run_stats.copy_(torch.as_tensor(mine["run_stats"], dtype=torch.float64))
-    if rf.init:
+    if rf.init and tr.dist.is_root:  # only the writer keeps theta_0
         tr.init = rf.init
     set_rng_state(mine)
     h = tr.hist
