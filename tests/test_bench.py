@@ -136,3 +136,19 @@ def test_probe_rank_from_the_launcher(monkeypatch):
     assert launcher_rank() == 3
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
     assert launcher_rank() == 1
+
+
+def test_memory_table_allgather_against_alltoall(bench):
+    """The memory comparison ran at S = 1 and 2, both exchanges: every rank sampled its memory
+    while training, and the lean exchange moved fewer bytes per sync (exact counts; memory is a
+    measurement of this machine, not asserted)."""
+    out, res, md = bench
+    mem = {(m["S"], m["exchange"]): m for m in res["memory"]}
+    assert set(mem) == {(s, ex) for s in (1, 2) for ex in ("allgather", "alltoall")}
+    for m in mem.values():
+        assert len(m["train_tensor_bytes_per_rank"]) == m["S"] and min(m["train_tensor_bytes_per_rank"]) > 0
+        assert min(m["train_rss_bytes_per_rank"]) > 0 and m["syncs"] == (3 if m["S"] > 1 else 0)  # 1 rank: no rows
+    assert mem[(1, "allgather")]["exchange_link_bytes_per_sync"] == mem[(1, "alltoall")]["exchange_link_bytes_per_sync"] == 0
+    assert 0 < mem[(2, "alltoall")]["exchange_link_bytes_per_sync"] < mem[(2, "allgather")]["exchange_link_bytes_per_sync"]
+    assert mem[(2, "alltoall")]["assemble_link_bytes"] > 0 == mem[(2, "allgather")]["assemble_link_bytes"]
+    assert "## LoFT's memory per rank: allgather against alltoall" in md

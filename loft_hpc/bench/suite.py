@@ -73,6 +73,13 @@ TINY = ["data.name=synthetic", "data.synthetic_train_size=192", "data.synthetic_
 # every job: no recalibration, no logs, no snapshots or checkpoints in between, no training-sample evaluation
 COMMON = ["train.bn_recalibration=0", "train.progress=false", "train.log_every=100000", "train.train_eval_samples=0",
           "output.snapshot_weights=[]", "output.snapshot_every=100000it", "output.checkpoint_every=100000it"]
+# the memory comparison (allgather against alltoall): the full-width CIFAR PreResNet-34 (width 64,
+# the release's 2x inner width) on a small batch, 3 rounds of K = 2
+MEMORY_MODEL = ["data.name=synthetic", "data.image_size=32", "data.synthetic_classes=10",
+                "data.synthetic_train_size=256", "data.synthetic_test_size=64", "data.batch_size=8",
+                "model.arch=preresnet34", "model.width=64", "model.inner_width_factor=2"]
+MEMORY_TINY = TINY
+MEMORY_RUN = ["train.method=loft", "train.local_steps=2", "train.duration=6it", "train.eval_every=6it"]
 METHODS = ("loft", "dense", "gpipe")
 PAPER_IMPROVEMENT = {2: 1.26, 4: 3.20}  # LOFT_SPEC 6: PreResNet-34 CIFAR-10, GPipe-S / LoFT-S
 
@@ -444,6 +451,22 @@ def markdown(res: dict) -> str:
             L.append(f"| {s['S']} | {s['full_step_ms']:.1f} | {s['sub_step_ms']:.1f} | {s['speedup']:.3f} | "
                      f"{s['flops_ratio']:.3f} | {s['params_ratio']:.3f} |")
         L.append("")
+    if res.get("memory"):
+        L += ["## LoFT's memory per rank: allgather against alltoall (the lean exchange)", "",
+              "| S | exchange | tensors while training, MiB (max rank) | RSS while training, MiB (max rank) "
+              "| peak RSS, MiB (max rank) | exchange bytes per sync, over all links | assembly bytes, run |",
+              "|---|---|---|---|---|---|---|"]
+        for m in res["memory"]:
+            L.append(f"| {m['S']} | {m['exchange']} | {fmt_mib(max(m['train_tensor_bytes_per_rank']))} | "
+                     f"{fmt_mib(max(m['train_rss_bytes_per_rank']))} | {fmt_mib(max(m['peak_rss_bytes_per_rank']))} | "
+                     f"{fmt_bytes(exact(Fraction(m['exchange_link_bytes_per_sync']).limit_denominator(1)))} | "
+                     f"{fmt_bytes(m['assemble_link_bytes'])} |")
+        L += ["", "Tensors: every distinct tensor storage alive in the rank at the start of the second round's second "
+              "step (the garbage collector's view: parameters, buffers, momentum, home slices, data). RSS while "
+              "training: the largest resident set at the start of a step from the second round on (large blocks "
+              "mmapped, MALLOC_MMAP_THRESHOLD_=65536, so freed memory leaves it). Peak RSS includes start-up and the "
+              "final file, where both exchanges hold the full model. The model: "
+              f"{res['memory'][0]['params']:,} floats.", ""]
     cores = res["machine"]["cores"] or 1
     if any(r["S"] > cores for r in res["runs"]):
         L += [f"On this {cores}-core machine jobs with more than {cores} ranks are oversubscribed: their images/s per "
@@ -465,6 +488,9 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--local-steps", type=int, default=4, help="LoFT's K")
     ap.add_argument("--microbatches", type=int, default=4, help="GPipe's micro-batches per global batch")
     ap.add_argument("--balance", default="flops", choices=("flops", "params"), help="GPipe's stage balance")
+    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="also LoFT's memory, allgather against alltoall, at S = 1 and every --ranks (full-width "
+                         "CIFAR PreResNet-34; --tiny: the tiny model)")
     ap.add_argument("--reps", type=int, default=5, help="timed steps per block for the sub-network step (0: skip)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds before a job is killed")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="folder for results.md, results.json and the run files")
@@ -477,6 +503,39 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:  # a job that failed: one line, its log's tail, exit 1
         print(f"bench: error: {e}", file=sys.stderr, flush=True)
         return 1
+
+
+def memory_one(config: str, overrides: list[str], world: int, exchange: str, out: Path, timeout: float) -> dict:
+    """One LoFT job for the memory table: each rank's memory while it trains (the probe's
+    sampler), its peak, and the bytes the exchange moved."""
+    from loft_hpc.checkpoint.h5file import read_run_file
+    from loft_hpc.exchange.accounting import comm_link_bytes
+
+    run_dir = out / "memory" / f"loft-{world}-{exchange}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    probe_dir = run_dir / "probe"
+    cmd = [str(MPIRUN), "-np", str(world), sys.executable, "-m", "loft_hpc.bench.probe", str(probe_dir), "loft_hpc.run",
+           "--config", config, "--stage", "pretrain", *COMMON, *overrides, *MEMORY_RUN, f"train.exchange={exchange}",
+           f"output.dir={run_dir}"]
+    env = job_env()
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # large blocks mmapped: freed memory leaves the resident set
+    p = run_job(cmd, env, timeout)
+    (run_dir / "job.log").write_text(f"$ {' '.join(cmd)}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}")
+    if p.returncode != 0:
+        raise BenchError(f"memory loft-{world} {exchange} failed (exit {p.returncode}); the last lines:\n{p.stderr[-3000:]}")
+    probes = sorted((json.loads(f.read_text()) for f in probe_dir.glob("rank*.json")), key=lambda r: r["rank"])
+    rf = read_run_file(run_dir / "pretrain.h5")
+    syncs = len({int(r["round"]) for r in rf.comm if int(r["round"]) > 0})
+    kinds = {k: sum(int(r.get(f"{k}_sent", 0)) + int(r.get(f"{k}_received", 0)) for r in rf.comm)
+             for k in ("allgather", "alltoall", "allreduce", "assemble")}
+    return {"S": world, "exchange": exchange, "syncs": syncs,
+            "train_tensor_bytes_per_rank": [r["train_tensor_bytes"] for r in probes],
+            "train_rss_bytes_per_rank": [r["train_rss_max_bytes"] for r in probes],
+            "peak_rss_bytes_per_rank": [r["maxrss_bytes"] for r in probes],
+            "payload_bytes": kinds,
+            "exchange_link_bytes_per_sync": comm_link_bytes(rf.comm, world, ("allgather", "alltoall", "allreduce")) / max(syncs, 1),
+            "assemble_link_bytes": comm_link_bytes(rf.comm, world, ("assemble",)),
+            "params": sum(t.numel() for t in rf.model.values() if t.is_floating_point())}
 
 
 def _main(argv: list[str] | None) -> int:
@@ -509,6 +568,15 @@ def _main(argv: list[str] | None) -> int:
             runs.append(r)
             print(f"{r['job_seconds']:.0f} s; fair bytes/epoch measured {fmt_bytes(r['fair_per_epoch_measured'])}, "
                   f"analytic {fmt_bytes(r['fair_per_epoch_analytic'])}", flush=True)
+    memory = []
+    if a.memory:
+        mem_over = [*(MEMORY_TINY if a.tiny else MEMORY_MODEL), *a.sets]
+        for s in sorted({1, *a.ranks}):
+            for ex in ("allgather", "alltoall"):
+                print(f"bench: memory, LoFT-{s} {ex} ...", end=" ", flush=True)
+                m = memory_one(config, mem_over, s, ex, out, a.timeout)
+                memory.append(m)
+                print(f"tensors {max(m['train_tensor_bytes_per_rank']) / 2**20:,.0f} MiB per rank", flush=True)
     after = load_average()
     sub = []
     if "loft" in methods and a.reps > 0:
@@ -519,7 +587,7 @@ def _main(argv: list[str] | None) -> int:
     res = {"machine": machine, "load_average_after": after, "setting": setting.describe(), "config": config,
            "overrides": setting.overrides, "skipped": skipped, "batch": setting.batch,
            "local_steps": setting.local_steps, "microbatches": setting.microbatches,
-           "runs": runs, "headline": headline(runs), "subnetwork": sub}
+           "runs": runs, "headline": headline(runs), "subnetwork": sub, "memory": memory}
     md = markdown(res)
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "results.md").write_text(md + "\n")
