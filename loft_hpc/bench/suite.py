@@ -453,19 +453,24 @@ def markdown(res: dict) -> str:
         L.append("")
     if res.get("memory"):
         L += ["## LoFT's memory per rank: allgather against alltoall (the lean exchange)", "",
-              "| S | exchange | tensors while training, MiB (max rank) | RSS while training, MiB (max rank) "
-              "| peak RSS, MiB (max rank) | exchange bytes per sync, over all links | assembly bytes, run |",
+              "| S | exchange | tensors while training, MiB: rank 0 / others (max) | RSS while training, MiB: rank 0 "
+              "/ others (max) | peak RSS, MiB (max rank) | exchange bytes per sync, over all links | assembly bytes, run |",
               "|---|---|---|---|---|---|---|"]
+
+        def split(v: list) -> str:  # rank 0 also keeps theta_0 for the files
+            return fmt_mib(v[0]) + ("" if len(v) == 1 else f" / {fmt_mib(max(v[1:]))}")
+
         for m in res["memory"]:
-            L.append(f"| {m['S']} | {m['exchange']} | {fmt_mib(max(m['train_tensor_bytes_per_rank']))} | "
-                     f"{fmt_mib(max(m['train_rss_bytes_per_rank']))} | {fmt_mib(max(m['peak_rss_bytes_per_rank']))} | "
+            L.append(f"| {m['S']} | {m['exchange']} | {split(m['train_tensor_bytes_per_rank'])} | "
+                     f"{split(m['train_rss_bytes_per_rank'])} | {fmt_mib(max(m['peak_rss_bytes_per_rank']))} | "
                      f"{fmt_bytes(exact(Fraction(m['exchange_link_bytes_per_sync']).limit_denominator(1)))} | "
                      f"{fmt_bytes(m['assemble_link_bytes'])} |")
         L += ["", "Tensors: every distinct tensor storage alive in the rank at the start of the second round's second "
               "step (the garbage collector's view: parameters, buffers, momentum, home slices, data). RSS while "
               "training: the largest resident set at the start of a step from the second round on (large blocks "
               "mmapped, MALLOC_MMAP_THRESHOLD_=65536, so freed memory leaves it). Peak RSS includes start-up and the "
-              "final file, where both exchanges hold the full model. The model: "
+              "final file, where both exchanges hold the full model. Rank 0 also keeps theta_0 for the files' /init. "
+              "The model: "
               f"{res['memory'][0]['params']:,} floats.", ""]
     cores = res["machine"]["cores"] or 1
     if any(r["S"] > cores for r in res["runs"]):
