@@ -172,6 +172,28 @@ def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return p
 
 
+def stop_and_resume(np: int, args: list[str], out, fault: str, stop_step: int, total: int, reference) -> None:
+    """``args`` (writing to ``out``) with the stop signal ``fault`` (LOFT_FAULT_INJECT
+    rank:round:stage:term) reaching one rank: rank 0, which logs, stops because the ranks agreed
+    on the request, the checkpoint is written at ``stop_step``, the job exits 3 without a final
+    file; the same command (a requeued job) resumes at ``stop_step`` of ``total`` and ends with
+    exactly ``reference`` (the uninterrupted run's pretrain.h5)."""
+    from loft_hpc.checkpoint.h5file import read_run_file
+
+    env = {"LOFT_FAULT_INJECT": fault}
+    p = run_job(np, args, env=env)
+    assert p.returncode == 3, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+    assert f"stop requested (on another rank), checkpoint written at step {stop_step}" in p.stdout, p.stdout[-2000:]
+    assert not (out / "pretrain.h5").exists()
+    ckpt = f"ckpt-{stop_step:010d}.h5"
+    latest = (out / "ckpt" / "pretrain" / "LATEST").read_text().strip()
+    assert latest.endswith(ckpt), latest
+    assert read_run_file(out / "ckpt" / "pretrain" / ckpt).progress["step"] == stop_step
+    p = ok(run_job(np, args, env=env))
+    assert "resumed from" in p.stdout and f"at step {stop_step}/{total}" in p.stdout, p.stdout[-2000:]
+    assert_same_run(read_run_file(out / "pretrain.h5"), read_run_file(reference))
+
+
 def assert_same_run(a, b) -> None:
     """Two RunFiles of the same job (e.g. uninterrupted and killed-then-resumed) are identical in
     everything they wrote but wall-clock times (:func:`loft_hpc.testing.compare.run_differences`:

@@ -29,7 +29,7 @@ from loft_hpc.checkpoint.h5file import read_run_file
 from loft_hpc.config import load_config
 from loft_hpc.data import build_datasets
 from loft_hpc.stages.common import make_model
-from tests.mpi_util import REPO, TINY, assert_same_run, ok, run_job
+from tests.mpi_util import REPO, TINY, assert_same_run, ok, run_job, stop_and_resume
 from tests.test_loft_mpi import _derive_seed, _gen, ref_batch, ref_deal, ref_lr, reference_loft
 
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -335,19 +335,8 @@ def test_sigterm_checkpoints_exits_3_and_resumes_exactly(base_run, tmp_path):
     checkpoint step: those are 8 and 16), the job exits 3 without a final file; the same command
     again resumes at step 12 and ends with exactly what the uninterrupted run wrote."""
     out = tmp_path / "stopped"
-    args = ["--stage", "pretrain", *BASE, f"output.dir={out}"]
-    env = {"LOFT_FAULT_INJECT": "1:2:pretrain:term"}
-    p = run_job(2, args, env=env)
-    assert p.returncode == 3, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
-    # rank 0 (which logs) was not signalled: it stopped because the ranks agreed on rank 1's request
-    assert "stop requested (on another rank), checkpoint written at step 12" in p.stdout, p.stdout[-2000:]
-    assert not (out / "pretrain.h5").exists()
-    latest = (out / "ckpt" / "pretrain" / "LATEST").read_text().strip()
-    assert latest.endswith("ckpt-0000000012.h5"), latest
-    assert read_run_file(out / "ckpt" / "pretrain" / "ckpt-0000000012.h5").progress["step"] == 12
-    p = ok(run_job(2, args, env=env))  # the same command (a requeued job): round 2 is behind it
-    assert "resumed from" in p.stdout and "at step 12/16" in p.stdout, p.stdout[-2000:]
-    assert_same_run(read_run_file(out / "pretrain.h5"), read_run_file(base_run / "pretrain.h5"))
+    stop_and_resume(2, ["--stage", "pretrain", *BASE, f"output.dir={out}"], out, "1:2:pretrain:term", 12, 16,
+                    base_run / "pretrain.h5")
 
 
 def test_stop_in_the_last_round_finishes_the_stage(base_run, tmp_path):

@@ -64,7 +64,7 @@ def bench(tmp_path_factory):
 
 def test_byte_columns_equal_the_analytic_formulas(bench):
     out, res, _ = bench
-    methods = ["loft", "dense"] + (["gpipe"] if suite.gpipe_available() else [])
+    methods = ["loft", "dense", "gpipe"]
     assert [(r["method"], r["S"]) for r in res["runs"]] == [(m, 2) for m in methods]
     setting = suite.Setting(res["config"], suite.TINY, 1, 4, 4, "flops")
     f = model_floats(setting.model, setting.groups)
@@ -113,15 +113,12 @@ def test_markdown_and_json_agree(bench):
         assert c[10] == ("not timed" if r["comm_share"] is None else f"{r['comm_share']:.1%}")
         assert c[11] == f"{r['peak_rss_bytes_max'] / 2**20:,.0f}"
     heads = [h for h in res["headline"]]
-    if suite.gpipe_available():
-        assert [(h["S"], h["convention"]) for h in heads] == [(2, "fair (measured)"), (2, "paper (analytic)")]
-        gp, lo = rows[("gpipe", 2)], rows[("loft", 2)]
-        for h, col in zip(heads, (4, 7)):
-            assert h["gpipe"] == int(gp[col].replace(",", "")) and h["loft"] == int(lo[col].replace(",", ""))
-            assert re.search(rf"\| 2 \| {re.escape(h['convention'])} \| {h['gpipe']:,} \| {h['loft']:,} \| "
-                             rf"{h['gpipe_over_loft']:.2f}x \| 1.26x \|", md)
-    else:
-        assert heads == [] and "Not run: gpipe" in md
+    assert [(h["S"], h["convention"]) for h in heads] == [(2, "fair (measured)"), (2, "paper (analytic)")]
+    gp, lo = rows[("gpipe", 2)], rows[("loft", 2)]
+    for h, col in zip(heads, (4, 7)):
+        assert h["gpipe"] == int(gp[col].replace(",", "")) and h["loft"] == int(lo[col].replace(",", ""))
+        assert re.search(rf"\| 2 \| {re.escape(h['convention'])} \| {h['gpipe']:,} \| {h['loft']:,} \| "
+                         rf"{h['gpipe_over_loft']:.2f}x \| 1.26x \|", md)
     sub = res["subnetwork"]
     assert [s["S"] for s in sub] == [2] and sub[0]["flops_ratio"] > 1
     assert f"| 2 | {sub[0]['full_step_ms']:.1f} | {sub[0]['sub_step_ms']:.1f} | {sub[0]['speedup']:.3f} | " \

@@ -18,7 +18,7 @@ from loft_hpc.models.pipeline import boundary_shapes, pipeline_blocks
 from loft_hpc.stages.common import lr_function, make_model
 from loft_hpc.train.gpipe import resolve_cuts
 from loft_hpc.train.stream import BatchStream
-from tests.mpi_util import REPO, TINY, assert_same_run, ok, run_job
+from tests.mpi_util import REPO, TINY, assert_same_run, ok, run_job, stop_and_resume
 
 # synthetic: 192 images, global batch 16 in 4 micro-batches of 4: 12 steps per epoch
 GP = TINY + ["train.method=gpipe", "train.microbatches=4", "train.duration=12it", "train.eval_every=6it",
@@ -138,16 +138,8 @@ def test_sigterm_to_a_gpipe_stage_checkpoints_exits_3_and_resumes_exactly(gpipe_
     with exactly the uninterrupted run's file."""
     src, _ = gpipe_run
     out = tmp_path / "stopped"
-    args = ["--stage", "pretrain", *GP, f"output.dir={out}"]
-    env = {"LOFT_FAULT_INJECT": "1:6:pretrain:term"}
-    p = run_job(2, args, env=env)
-    assert p.returncode == 3, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
-    assert "stop requested (on another rank), checkpoint written at step 7" in p.stdout, p.stdout[-2000:]
-    assert not (out / "pretrain.h5").exists()
-    assert (out / "ckpt" / "pretrain" / "LATEST").read_text().strip().endswith("ckpt-0000000007.h5")
-    p = ok(run_job(2, args, env=env))
-    assert "resumed from" in p.stdout and "at step 7/12" in p.stdout, p.stdout[-2000:]
-    assert_same_run(read_run_file(src / "pretrain.h5"), read_run_file(out / "pretrain.h5"))
+    stop_and_resume(2, ["--stage", "pretrain", *GP, f"output.dir={out}"], out, "1:6:pretrain:term", 7, 12,
+                    src / "pretrain.h5")
 
 
 @pytest.mark.parametrize("extra,needle", [

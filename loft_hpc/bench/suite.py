@@ -170,18 +170,6 @@ class Setting:
                 f"LoFT K = {self.local_steps}, momentum {c.train.momentum_mode}, {self.epochs} epoch(s) per job")
 
 
-def gpipe_available() -> bool:
-    """Whether this checkout has GPipe pretraining (``train.method=gpipe``)."""
-    try:
-        from loft_hpc.config.schema import TrainConfig
-
-        TrainConfig(method="gpipe")
-        import loft_hpc.train.gpipe  # noqa: F401
-    except Exception:  # noqa: BLE001 - any failure: not available here
-        return False
-    return True
-
-
 # ----------------------------------------------------------------------------------- one job
 def row_bytes(r: dict) -> int:
     from loft_hpc.tools.comm import row_bytes as rb
@@ -386,8 +374,6 @@ def markdown(res: dict) -> str:
          f"Machine: {one_line(res['machine'])}. Load average after the jobs: "
          f"{' '.join(f'{x:.2f}' for x in res['load_average_after']) if res['load_average_after'] else '-'}.", "",
          f"Setting: {res['setting']}.", f"Config: {res['config']} with {' '.join(res['overrides'])}.", ""]
-    if res.get("skipped"):
-        L += [f"Not run: {res['skipped']}.", ""]
     L += ["| method | S | epochs | images per epoch | fair bytes/epoch, measured | fair, analytic | measured - analytic "
           "| paper-convention bytes/epoch | images/s per rank | wall s/epoch | comm share | peak RSS per rank, MiB (max) "
           "| CUDA peak per rank, MiB (max) |",
@@ -560,10 +546,6 @@ def _main(argv: list[str] | None) -> int:
                          f"leave gpipe out of --methods or use --ranks 2 4")
     if "gpipe" in methods and setting.batch % setting.microbatches:
         raise BenchError(f"--microbatches {setting.microbatches}: the batch {setting.batch} is not a multiple of it")
-    skipped = ""
-    if "gpipe" in methods and not gpipe_available():
-        methods.remove("gpipe")
-        skipped = "gpipe (train.method=gpipe is not in this checkout)"
     print(f"bench: {setting.describe()}", flush=True)
     runs = []
     for s in a.ranks:
@@ -590,7 +572,7 @@ def _main(argv: list[str] | None) -> int:
                 print(f"bench: LoFT-{s} sub-network step on one core ...", flush=True)
                 sub.append(subnetwork_step(setting, s, a.reps))
     res = {"machine": machine, "load_average_after": after, "setting": setting.describe(), "config": config,
-           "overrides": setting.overrides, "skipped": skipped, "batch": setting.batch,
+           "overrides": setting.overrides, "batch": setting.batch,
            "local_steps": setting.local_steps, "microbatches": setting.microbatches,
            "runs": runs, "headline": headline(runs), "subnetwork": sub, "memory": memory}
     md = markdown(res)

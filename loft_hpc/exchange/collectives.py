@@ -64,37 +64,25 @@ class Collectives:
         self.counter = counter or CommCounter()
         self.backend = backend
 
-    @property
-    def backend_name(self) -> str:
-        return "none" if self.backend is None else self.backend.name
-
     def _count(self, kind: str, sent: int, received: int, t0: float | None = None) -> None:
         """Record one collective; a single rank moves nothing, so it counts 0 bytes."""
         if self.size == 1:
             sent = received = 0
         self.counter.add(kind, sent, received, time.perf_counter() - t0 if t0 is not None else 0.0)
 
-    def allgather(self, t: torch.Tensor, name: str, sizes: list[int] | None = None, kind: str = "allgather") -> torch.Tensor:
-        """Every rank's ``t`` (1-D), concatenated in rank order. ``sizes``: every rank's numel
-        (the torch backend needs them; without, it gathers them first, uncounted)."""
+    def allgather(self, t: torch.Tensor, name: str, sizes: list[int], kind: str = "allgather") -> torch.Tensor:
+        """Every rank's ``t`` (1-D), concatenated in rank order. ``sizes``: every rank's numel,
+        which every caller knows from its plan (the torch backend needs them)."""
         t = t.contiguous().reshape(-1)
         t0 = time.perf_counter()
         if self.size == 1:
             out = t
         else:
-            if sizes is None:
-                sizes = self.gather_sizes(t.numel(), name)
             out = self.backend.allgather(t, list(sizes), name)
             if out.numel() != sum(sizes):
                 raise RuntimeError(f"{name}: allgather returned {out.numel()} floats, the plan says {sum(sizes)}")
         self._count(kind, t.nbytes, out.nbytes - t.nbytes, t0)
         return out
-
-    def gather_sizes(self, n: int, name: str) -> list[int]:
-        """Every rank's ``n`` (a control message, not counted)."""
-        sizes = torch.zeros(self.size, dtype=torch.float64)
-        sizes[self.rank] = float(n)
-        return [int(v) for v in self.backend.allreduce(sizes, False, f"{name}.sizes").tolist()]
 
     def alltoall(self, t: torch.Tensor, send: list[int], recv: list[int], name: str) -> torch.Tensor:
         """Part q of ``t`` (``send[q]`` floats, in rank order) to rank q; returns the parts the

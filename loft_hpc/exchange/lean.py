@@ -40,6 +40,7 @@ Received partitioned floats per rank and sync: |home_{r+1}(q) \\ home_r(q)|, on 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -86,16 +87,11 @@ class HomeStore:
     w: dict[str, torch.Tensor] = field(default_factory=dict)
     m: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def numel(self) -> int:
-        return sum(t.numel() for t in self.w.values()) + sum(t.numel() for t in self.m.values())
 
 
 def row_numel(shape, dim: int) -> int:
-    n = 1
-    for d, s in enumerate(shape):
-        if d != dim:
-            n *= s
-    return n
+    """Floats in one entry of ``dim`` (the product of the other dims)."""
+    return math.prod(s for d, s in enumerate(shape) if d != dim)
 
 
 class LeanLayout:
@@ -119,13 +115,6 @@ class LeanLayout:
         shape = list(self.shapes[t])
         shape[h.dim] = len(home_rows(h, keep))
         return tuple(shape)
-
-    def store_numel(self, keep) -> int:
-        """Floats of a rank's home weights under ``keep`` (momentum: :meth:`momentum_numel`)."""
-        return sum(_prod(self.home_shape(t, keep)) for t in self.homes)
-
-    def momentum_numel(self, keep) -> int:
-        return sum(_prod(self.home_shape(t, keep)) for t in self.with_mom)
 
     def moving_rows(self, t: str, keep_from, keep_to) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions in the sender's home slice, positions in the receiver's) of the entries of
@@ -157,19 +146,18 @@ class LeanLayout:
     def sub_value(self, t: str, home: torch.Tensor, keep) -> torch.Tensor:
         """The sub-network's tensor ``t`` from its home slice: the other sliced dim narrowed to the
         kept filters (a copy), or the home slice itself."""
-        h = self.homes[t]
-        for d, m, g in h.other:
-            return home.index_select(d, m.entries(keep[g]).to(home.device))
-        return home
+        if not self.homes[t].other:
+            return home
+        (d, m, g), = self.homes[t].other
+        return home.index_select(d, m.entries(keep[g]).to(home.device))
 
     def write_sub(self, t: str, home: torch.Tensor, value: torch.Tensor, keep) -> None:
         """The trained sub-network tensor back into its home slice (two-dim: the kept columns only;
         the others, trained by no rank this round, keep their values)."""
-        h = self.homes[t]
-        for d, m, g in h.other:
+        if self.homes[t].other:
+            (d, m, g), = self.homes[t].other
             home.index_copy_(d, m.entries(keep[g]).to(home.device), value)
-            return
-        if value.data_ptr() != home.data_ptr():
+        elif value.data_ptr() != home.data_ptr():
             home.copy_(value)
 
     # ------------------------------------------------------------------ the exchange
@@ -206,7 +194,7 @@ class LeanLayout:
                     target = new.w[t] if kind == "w" else new.m[t]
                     shape = list(target.shape)
                     shape[h.dim] = len(dst[t])
-                    k = _prod(shape)
+                    k = math.prod(shape)
                     target.index_copy_(h.dim, dst[t], got[off:off + k].view(shape))
                     off += k
         if off != got.numel():
@@ -220,7 +208,7 @@ class LeanLayout:
         names = self.with_mom if momentum else list(self.homes)
         src = store.m if momentum else store.w
         mine = torch.cat([src[t].reshape(-1) for t in names]) if names else torch.zeros(0)
-        sizes = [sum(_prod(self.home_shape(t, plan.keep(s))) for t in names) for s in range(plan.world)]
+        sizes = [sum(math.prod(self.home_shape(t, plan.keep(s))) for t in names) for s in range(plan.world)]
         got = coll.allgather(mine, name=name, sizes=sizes, kind="assemble")  # collective order: every rank
         off = 0
         for s in range(plan.world):  # shard layout: rank s's home slices, sorted tensors
@@ -228,15 +216,8 @@ class LeanLayout:
             for t in names:
                 h = self.homes[t]
                 shape = self.home_shape(t, keep)
-                k = _prod(shape)
+                k = math.prod(shape)
                 full[t].index_copy_(h.dim, home_rows(h, keep).to(full[t].device), got[off:off + k].view(shape))
                 off += k
         if off != got.numel():
             raise RuntimeError(f"{name}: assembled {off} of {got.numel()} floats")
-
-
-def _prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

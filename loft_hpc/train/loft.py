@@ -57,18 +57,22 @@ class LoftTrainer(RoundTrainer):
         sub_names = dict(sub.named_parameters())
         if self.carry:
             set_momentum(sub, opt, {n: self.slicer.extract(n, self.full_mom[n], keep) for n in sub_names})
-        for i in range(n_steps):
-            step = self.step + i
-            set_lr(opt, self.lr(step))
-            opt.zero_grad(set_to_none=True)
-            self.forward_backward(sub, step)
-            opt.step()
+        self.local_steps(sub, opt, n_steps)
         sub_mom = get_momentum(sub, opt) if self.carry else {}
         callbacks.fire("exchange", self)
         # Horovod: every rank calls exchange once per round, in the same round order.
         self.exchange.exchange(self.model, sub, self.full_mom, sub_mom, plan, self.dist.rank, self.round)
         if t.check_sync:
             self._check_sync()
+
+    def local_steps(self, sub, opt, n_steps: int) -> None:
+        """The round's K local SGD steps of this rank's sub-network (both exchanges)."""
+        for i in range(n_steps):
+            step = self.step + i
+            set_lr(opt, self.lr(step))
+            opt.zero_grad(set_to_none=True)
+            self.forward_backward(sub, step)
+            opt.step()
 
     def _check_sync(self) -> None:
         """All ranks must now hold the same full model and momentum, bit for bit."""

@@ -24,7 +24,6 @@ from loft_hpc.partition.slicing import subnetwork
 from loft_hpc.train import callbacks
 from loft_hpc.train.loft import LoftTrainer
 from loft_hpc.train.optim import make_sgd
-from loft_hpc.train.schedule import set_lr
 
 
 def _set_tensor(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
@@ -102,12 +101,7 @@ class LeanLoftTrainer(LoftTrainer):
                     opt.state[p]["momentum_buffer"] = buf if buf.data_ptr() == self.store.m[n].data_ptr() else buf.clone()
                 else:
                     opt.state[p]["momentum_buffer"] = self.shared_mom[n]
-        for i in range(n_steps):
-            step = self.step + i
-            set_lr(opt, self.lr(step))
-            opt.zero_grad(set_to_none=True)
-            self.forward_backward(sub, step)
-            opt.step()
+        self.local_steps(sub, opt, n_steps)
         callbacks.fire("exchange", self)
         sstate = sub.state_dict()
         with torch.no_grad():
