@@ -37,7 +37,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
             sections.append(f"      {name}.{f.name} = {default!s:<12} {f.metadata.get('help', '')}")
     p = argparse.ArgumentParser(
         prog="python -m loft_hpc.run", add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="LoFT: lottery tickets through filter-wise training, on MPI ranks with Horovod.",
+        description="LoFT: lottery tickets through filter-wise training, on MPI ranks (collectives over Horovod or torch.distributed: train.backend).",
         epilog=f"stages:\n{stages}\n\nconfig sections and keys (override any with section.key=value):\n" + "\n".join(sections)
         + "\n\nexit codes: 0 done, 2 bad config/input, 3 stopped on signal after a checkpoint (run again to resume)")
     p.add_argument("--config", default=None, help="YAML config file (default: the embedded default, configs/default.yaml)")
