@@ -145,7 +145,7 @@ def test_comm_table_on_dense_and_retrain_files(dense_dir, name):
     assert lines["all"][:3] == [tot["sent"], tot["received"], tot["sent"] + tot["received"]]
     assert lines["all"][4] == tot["round0"]
     b = 2 * grad
-    assert f"rank 0 {b:,}, rank 1 {b:,} B per row" in p.stdout, p.stdout
+    assert f"dense_step_bytes {b:,} B per step" in p.stdout, p.stdout
     # every row equals it once the BN averaging is added at the evaluation steps (and only there)
     assert f"+ dense_eval_rank_bytes {2 * bn:,} B at an evaluation or weight snapshot" in p.stdout, p.stdout
     assert f"{len(steps)}/{len(steps)} rows equal it" in p.stdout, p.stdout

@@ -5,6 +5,9 @@ and a run stopped by SIGTERM resume bit-exactly."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 from loft_hpc.checkpoint.h5file import read_run_file
 from loft_hpc.config import load_config
 from loft_hpc.data import build_datasets
-from loft_hpc.models.pipeline import boundary_shapes, pipeline_blocks
+from loft_hpc.models.pipeline import boundary_shapes, pipeline_blocks, stage_state_names
 from loft_hpc.stages.common import lr_function, make_model
 from loft_hpc.train.gpipe import resolve_cuts
 from loft_hpc.train.stream import BatchStream
@@ -99,14 +102,33 @@ def test_boundary_bytes_are_counted_exactly(gpipe_run):
     assert f"stages begin at stem, {blocks[cuts[0]][0]}" in p.stdout
     rows = [r for r in rf.comm if r["round"] >= 1]
     assert len(rows) == 2 * 12  # every rank, every step
+    # the assembly (MPI allgather of the stages), counted as its own kind: the weights (parameters
+    # and buffers) of each stage at every step that snapshots, evaluates or saves (4, 6, 8, 12),
+    # their momentum at every checkpoint and the file (4, 8, 12)
+    state, params = model.state_dict(), dict(model.named_parameters())
+    names = stage_state_names(model, blocks, cuts)
+    weights = [sum(state[n].numel() * state[n].element_size() for n in ns) for ns in names]
+    mom = [sum(4 * params[n].numel() for n in ns if n in params) for ns in names]
+    assemble = {4: [w + m for w, m in zip(weights, mom)], 6: weights, 8: [w + m for w, m in zip(weights, mom)]}
+    assemble[12] = assemble[4]
     for r in rows:
         # rank 0 sends activations and receives gradients, rank 1 the opposite: both ways per step
         assert (r["p2p_sent"], r["p2p_received"]) == (per_step, per_step), r
-        assert r["allgather_sent"] == r["allreduce_sent"] == 0
+        assert r["allgather_sent"] == r["allreduce_sent"] == r["alltoall_sent"] == 0
+        q, other = r["rank"], 1 - r["rank"]
+        want = (assemble[r["step"]][q], assemble[r["step"]][other]) if r["step"] in assemble else (0, 0)
+        assert (r["assemble_sent"], r["assemble_received"]) == want, r
         assert r["seconds"] > 0  # the schedule's waits on those transfers, timed
+    # the last evaluation (step 12) counts the weights gathered for it, not the momentum gathered after it for the file
+    total = 2 * 12 * per_step + sum(weights) * 4 + sum(mom) * 2
     last = rf.metrics[-1]
-    assert last["bytes_sent"] == last["bytes_received"] == 2 * 12 * per_step
-    assert [st["bytes_sent"] for st in rf.ranks] == [12 * per_step] * 2
+    assert last["bytes_sent"] == last["bytes_received"] == total
+    assert [st["bytes_sent"] for st in rf.ranks] == [12 * per_step + 4 * w + 3 * m for w, m in zip(weights, mom)]
+    # the installed comm tool rebuilds the same count from the file alone, from another folder
+    tool = subprocess.run([str(Path(sys.executable).parent / "loft-tools"), "comm", str(out / "pretrain.h5")],
+                          cwd=out.parent, capture_output=True, text=True, timeout=300)
+    assert tool.returncode == 0, tool.stderr[-2000:]
+    assert "24/24 rows equal it" in tool.stdout and "DIFFERENT" not in tool.stdout, tool.stdout
 
 
 def test_gpipe_pretraining_goes_through_prune_and_retrain(gpipe_run, tmp_path):
@@ -135,11 +157,11 @@ def test_sigterm_to_a_gpipe_stage_checkpoints_exits_3_and_resumes_exactly(gpipe_
     """SIGTERM reaches stage 1 when it starts round 6 (one step per round: step 6-7): both stages
     agree to stop after it, the stages' weights are gathered and a checkpoint is written at step 7
     (the periodic ones are 4 and 8), the job exits 3; the same command resumes at step 7 and ends
-    with exactly the uninterrupted run's file."""
+    with exactly the uninterrupted run's file, but for the bytes of that checkpoint's assembly."""
     src, _ = gpipe_run
     out = tmp_path / "stopped"
     stop_and_resume(2, ["--stage", "pretrain", *GP, f"output.dir={out}"], out, "1:6:pretrain:term", 7, 12,
-                    src / "pretrain.h5")
+                    src / "pretrain.h5", assembles=True)
 
 
 @pytest.mark.parametrize("extra,needle", [

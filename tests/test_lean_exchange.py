@@ -7,6 +7,10 @@ allgather and alltoall/assemble columns. A killed lean run resumes bit-exactly.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from loft_hpc.checkpoint.h5file import read_run_file
@@ -16,7 +20,7 @@ from loft_hpc.exchange.accounting import assemble_bytes, loft_alltoall_bytes
 from loft_hpc.partition.plan import PartitionPlan
 from loft_hpc.stages.common import make_model
 from loft_hpc.testing.compare import run_differences
-from tests.mpi_util import REPO, TINY, assert_same_run, ok, run_job
+from tests.mpi_util import REPO, TINY, assert_same_run, ok, run_job, stop_and_resume
 
 K = 4
 BASE = TINY + ["train.duration=12it", f"train.local_steps={K}", "train.eval_every=8it", "output.snapshot_every=4it",
@@ -65,6 +69,12 @@ def test_alltoall_equals_allgather_after_every_round(tmp_path, np_, extra):
     assert at["allgather"] == 0 and at["alltoall"] > 0 and at["assemble"] > 0
     assert at["alltoall"] < ag["allgather"]
     _bytes_equal_the_plans(runs["alltoall"] / "pretrain.h5", np_, extra)
+    # the installed comm tool rebuilds the same count from the file alone, from another folder
+    tool = subprocess.run([str(Path(sys.executable).parent / "loft-tools"), "comm", str(runs["alltoall"] / "pretrain.h5")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert tool.returncode == 0, tool.stderr[-2000:]
+    assert "LoFT lean exchange" in tool.stdout and f"{3 * np_}/{3 * np_} rows equal it" in tool.stdout, tool.stdout
+    assert "DIFFERENT" not in tool.stdout, tool.stdout
 
 
 def _bytes_equal_the_plans(path, world: int, extra: list[str]) -> None:
@@ -99,6 +109,19 @@ def test_killed_lean_run_resumes_bit_exactly(tmp_path):
     p = ok(run_job(2, [*args, f"output.dir={out}"]))
     assert "resumed from" in p.stdout and "at step 8/12" in p.stdout, p.stdout[-1500:]
     assert_same_run(read_run_file(tmp_path / "straight" / "pretrain.h5"), read_run_file(out / "pretrain.h5"))
+
+
+def test_sigterm_to_a_lean_run_checkpoints_and_resumes_exactly(tmp_path):
+    """SIGTERM reaches rank 1 when it starts round 2 (steps 8-12): the ranks agree to stop at its end,
+    assemble the weights and momentum for a checkpoint at step 12 (the periodic ones: 8 and 16),
+    exit 3; the same command resumes at step 12 and ends with the uninterrupted run's file, but for
+    the bytes of that checkpoint's assembly."""
+    args = ["--stage", "pretrain", *BASE, "train.duration=16it", "output.checkpoint_every=8it",
+            "output.snapshot_every=8it", "train.exchange=alltoall"]
+    ok(run_job(2, [*args, f"output.dir={tmp_path / 'straight'}"]))
+    out = tmp_path / "stopped"
+    stop_and_resume(2, [*args, f"output.dir={out}"], out, "1:2:pretrain:term", 12, 16,
+                    tmp_path / "straight" / "pretrain.h5", assembles=True)
 
 
 def test_an_allgather_checkpoint_resumes_under_alltoall(tmp_path):

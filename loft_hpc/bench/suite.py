@@ -1,19 +1,23 @@
-"""The benchmark suite: LoFT, dense and GPipe pretraining on the same config, side by side.
+"""The benchmark suite: LoFT (both exchanges), dense and GPipe pretraining on the same config, side by side.
 
-    python tools/bench.py [--ranks 2 4] [--methods loft dense gpipe] [--epochs 1] [--local-steps 4]
-                          [--microbatches 4] [--reps 5] [--tiny] [--config FILE] [--set KEY=VALUE ...]
-                          [--out build/bench]
+    python tools/bench.py [--ranks 2 4] [--methods loft loft-alltoall dense gpipe] [--epochs 1]
+                          [--local-steps 4] [--share-k 5 15] [--microbatches 4] [--reps 5] [--tiny]
+                          [--[no-]memory] [--config FILE] [--set KEY=VALUE ...] [--out build/bench]
 
 One invocation, one run of every job, each under real ``scripts/mpirun.sh -np S`` (GPipe: the
-pipeline's S stages, one per rank). For each (method, S):
+pipeline's S stages, one per rank; loft-alltoall: LoFT with ``train.exchange=alltoall``, the lean
+exchange). For each (method, S):
 
 - bytes per epoch, fair convention (total over all links, both directions, each byte once on
   every link it crosses, collectives counted as their bandwidth-optimal ring algorithms:
   :func:`loft_hpc.exchange.accounting.link_bytes`): *measured* = that rule applied to every
   ``/comm`` row of the run (allgather (S-1) x sent, allreduce 2 (S-1)/S x sent, p2p sent), divided
   by the epochs run; *analytic* = :mod:`loft_hpc.exchange.accounting` for the same steps (LoFT: ceil(steps / K)
-  syncs; dense and GPipe: one per step) plus the run's evaluations (dense averages the BN
-  statistics at each: ``dense_eval_bytes``; LoFT and GPipe move nothing counted there); and their
+  syncs; dense and GPipe: one per step; the lean exchange: from every round's deal) plus what the
+  evaluation and the file need (dense averages the BN statistics at each evaluation:
+  ``dense_eval_bytes``; the lean exchange and GPipe assemble the whole model, weights for each
+  evaluation and momentum for the file: ``assemble_bytes``, ``gpipe_assemble_bytes``; LoFT with
+  allgather holds the whole model and moves nothing there); and their
   difference, which is 0 when every byte is accounted for. Each rank's ``/comm`` payload (sent +
   received) is also checked against the accounting's per-rank prediction (``per_rank_equal``);
 - bytes per epoch, the paper's convention (analytic: the paper's rule has no log to measure);
@@ -25,7 +29,9 @@ pipeline's S stages, one per rank). For each (method, S):
 - share of time in communication: the ranks' mean of (seconds inside counted collectives, ``/comm``
   ``seconds``) / training wall time. Every such time includes waiting for the other ranks: the
   slowest rank of an allreduce, GPipe's neighbouring stage (its waits on point-to-point
-  transfers, so the pipeline's fill and drain bubbles count as communication). A run whose
+  transfers, so the pipeline's fill and drain bubbles count as communication). The seconds also
+  hold what the final evaluation and file moved (dense's BN averaging, the lean exchange's and
+  GPipe's assembly), which runs after the loop's clock stops: one boundary per job. A run whose
   ``seconds`` are all 0 while it moved bytes (a torch whose schedule could not be timed) says
   "not timed";
 - peak memory per rank: the kernel's high-water mark of each rank process's resident set
@@ -34,8 +40,10 @@ pipeline's S stages, one per rank). For each (method, S):
 - LoFT only: the local step of one rank's sub-network against the full network (one core, in this
   process, after the MPI jobs), as a speed-up next to the FLOPs ratio (the former bench_loft.py).
 
-The headline table puts LoFT-S against GPipe-S (bytes per epoch, both conventions) beside the
-paper's 1.26x and 3.20x (PreResNet-34, CIFAR-10). Results go to ``OUT/results.md`` and
+The headline table puts LoFT-S (each exchange) against GPipe-S (bytes per epoch, both
+conventions) beside the paper's 1.26x and 3.20x (PreResNet-34, CIFAR-10). Then: LoFT at each
+``--share-k`` K under both exchanges (the exchange's share of wall time), and, with ``--memory``,
+LoFT's memory per rank under both exchanges on the full-width model at S = 1 and each S. Results go to ``OUT/results.md`` and
 ``OUT/results.json`` (the same figures) and the run files stay in ``OUT/runs/<method>-<S>/``
 (``loft-tools comm`` reads them).
 
@@ -80,12 +88,22 @@ MEMORY_MODEL = ["data.name=synthetic", "data.image_size=32", "data.synthetic_cla
                 "model.arch=preresnet34", "model.width=64", "model.inner_width_factor=2"]
 MEMORY_TINY = TINY
 MEMORY_RUN = ["train.method=loft", "train.local_steps=2", "train.duration=6it", "train.eval_every=6it"]
-METHODS = ("loft", "dense", "gpipe")
+METHODS = ("loft", "loft-alltoall", "dense", "gpipe")  # loft-alltoall: LoFT with the lean exchange (train.exchange)
+SHARE_K = (5, 15)
 PAPER_IMPROVEMENT = {2: 1.26, 4: 3.20}  # LOFT_SPEC 6: PreResNet-34 CIFAR-10, GPipe-S / LoFT-S
 
 
 class BenchError(RuntimeError):
     pass
+
+
+def base_method(method: str) -> str:
+    """``train.method`` of a bench method (loft-alltoall is LoFT)."""
+    return method.split("-", 1)[0]
+
+
+def exchange(method: str) -> str:
+    return "alltoall" if method == "loft-alltoall" else "allgather"
 
 
 # ----------------------------------------------------------------------------------- jobs
@@ -132,18 +150,19 @@ class Setting:
         self.n_train = len(self.bundle.train)
         self.batch = self.cfg.data.batch_size
 
-    def method_args(self, method: str) -> list[str]:
-        args = [f"train.method={method}"]
-        if method == "loft":
-            args.append(f"train.local_steps={self.local_steps}")
+    def method_args(self, method: str, local_steps: int | None = None) -> list[str]:
+        """The overrides of one job: ``method`` one of METHODS, LoFT's K (default ``--local-steps``)."""
+        args = [f"train.method={base_method(method)}"]
+        if base_method(method) == "loft":
+            args += [f"train.local_steps={local_steps or self.local_steps}", f"train.exchange={exchange(method)}"]
         if method == "gpipe":
             args += [f"train.microbatches={self.microbatches}", f"train.pipeline_balance={self.balance}"]
         return args
 
-    def job_config(self, method: str):
+    def job_config(self, method: str, local_steps: int | None = None):
         from loft_hpc.config import load_config
 
-        return load_config(self.config, [*self.overrides, *self.method_args(method)])
+        return load_config(self.config, [*self.overrides, *self.method_args(method, local_steps)])
 
     def boundaries(self, method: str, world: int) -> tuple[list[str], list[tuple[int, ...]]] | tuple[None, None]:
         """GPipe: the block names where stages 2..S begin and the per-sample activation shape at
@@ -181,44 +200,87 @@ def exact(x: Fraction) -> int | float:
     return int(x) if x.denominator == 1 else float(x)
 
 
-def analytic(setting: Setting, method: str, world: int, steps: int, evaluations: int, numels: list[int] | None) -> dict:
+def analytic(setting: Setting, method: str, world: int, steps: int, eval_steps: list[int],
+             numels: list[int] | None, cuts: list[int] | None, local_steps: int) -> dict:
     """The analytic figures of one job: run totals (fair, over all links; paper), the payload each
-    rank's ``/comm`` rows must add up to, and the per-epoch and per-sync figures of
-    :class:`~loft_hpc.exchange.accounting.MethodBytes`."""
-    from loft_hpc.exchange.accounting import (dense_eval_bytes, dense_eval_rank_bytes, dense_step_bytes,
-                                              gpipe_rank_step_bytes, loft_sync_bytes, method_bytes, model_floats)
+    rank's ``/comm`` rows must add up to, the bytes at evaluation and files (dense: the BN
+    averaging of each evaluation; LoFT's lean exchange and GPipe: the model assembled for each
+    evaluation, ``eval_steps``, and its momentum for the file at the end), and the per-epoch and
+    per-sync figures of :class:`~loft_hpc.exchange.accounting.MethodBytes`."""
+    from loft_hpc.exchange.accounting import (assemble_bytes, dense_eval_bytes, dense_eval_rank_bytes,
+                                              dense_step_bytes, gpipe_assemble_bytes, gpipe_rank_step_bytes,
+                                              link_bytes, loft_alltoall_bytes, loft_sync_bytes, method_bytes,
+                                              model_floats)
 
-    cfg = setting.job_config(method)
+    base = base_method(method)
+    cfg = setting.job_config(method, local_steps)
     carry = cfg.train.momentum_mode == "carry" and cfg.train.momentum > 0
-    mb = method_bytes(method, setting.model, setting.groups, world=world, batch=setting.batch, n_train=setting.n_train,
-                      local_steps=setting.local_steps if method == "loft" else 1, carry_momentum=carry,
-                      shard=cfg.data.shard, boundary_numels=numels)
-    syncs = -(-steps // mb.steps_per_sync)
-    f = model_floats(setting.model, setting.groups)
-    evals = dense_eval_bytes(f.buffers, world) * evaluations if method == "dense" else 0
+    model, groups = setting.model, setting.groups
+    K = local_steps if base == "loft" else 1
+    mb = method_bytes(base, model, groups, world=world, batch=setting.batch, n_train=setting.n_train,
+                      local_steps=K, carry_momentum=carry, shard=cfg.data.shard, boundary_numels=numels)
+    syncs = -(-steps // K)
+    f = model_floats(model, groups)
+    asm = {"sent": [0] * world, "received": [0] * world}  # payload per rank of the assembly
+    evals = 0
     if world == 1:
         payload = [0]
-    elif method == "loft":
-        payload = [syncs * sum(loft_sync_bytes(setting.model, setting.groups, world, q, carry).values())
-                   for q in range(world)]
-    elif method == "dense":
-        payload = [syncs * sum(dense_step_bytes(setting.model).values())
-                   + evaluations * sum(dense_eval_rank_bytes(setting.model).values())] * world
+        fair = 0
+    elif base == "loft" and exchange(method) == "alltoall":
+        from loft_hpc.partition.plan import PartitionPlan
+
+        part = [g for g in groups if g.partitioned]
+        keeps = [[PartitionPlan.draw(cfg.train.seed, r, part, world).keep(q) for q in range(world)]
+                 for r in range(syncs + 1)]
+        per = [[loft_alltoall_bytes(model, groups, keeps[r - 1], keeps[r], q, carry) for q in range(world)]
+               for r in range(1, syncs + 1)]
+        # the weights at every evaluation (the round then: ceil(step / K)), the momentum once for the file
+        asms = [assemble_bytes(model, groups, keeps[-(-e // K)], q, False) for e in eval_steps for q in range(world)]
+        asms += [assemble_bytes(model, groups, keeps[syncs], q, True) for q in range(world)]
+        asm = {d: [sum(x[f"assemble_{d}"] for i, x in enumerate(asms) if i % world == q) for q in range(world)]
+               for d in ("sent", "received")}
+        tot = {k: sum(row[q][k] for row in per for q in range(world)) for k in per[0][0]}
+        payload = [sum(sum(row[q].values()) for row in per) + asm["sent"][q] + asm["received"][q] for q in range(world)]
+        evals = link_bytes(world, assemble=sum(asm["sent"]))
+        fair = link_bytes(world, alltoall=tot["alltoall_sent"], allreduce=tot["allreduce_sent"]) + evals
+    elif base == "loft":
+        payload = [syncs * sum(loft_sync_bytes(model, groups, world, q, carry).values()) for q in range(world)]
+        fair = mb.fair_for_steps(steps)
+    elif base == "dense":
+        evals = dense_eval_bytes(f.buffers, world) * len(eval_steps)
+        payload = [syncs * sum(dense_step_bytes(model).values())
+                   + len(eval_steps) * sum(dense_eval_rank_bytes(model).values())] * world
+        fair = mb.fair_for_steps(steps) + evals
     else:
-        payload = [syncs * sum(gpipe_rank_step_bytes(setting.batch, numels, q).values()) for q in range(world)]
-    return {"mb": mb, "syncs": syncs, "fair_run": mb.fair_for_steps(steps) + evals, "payload_per_rank": payload,
-            "eval_bytes": evals, "paper_run": mb.paper_per_sync * syncs, "carry_momentum": carry}
+        from loft_hpc.models.pipeline import pipeline_blocks, stage_state_names
+
+        names = stage_state_names(model, pipeline_blocks(model), cuts)
+        one = [[gpipe_assemble_bytes(model, names, q, mom) for q in range(world)] for mom in (False, True)]
+        # the weights at every evaluation, the momentum once for the file
+        asm = {d: [len(eval_steps) * one[0][q][f"assemble_{d}"] + one[1][q][f"assemble_{d}"] for q in range(world)]
+               for d in ("sent", "received")}
+        evals = link_bytes(world, assemble=sum(asm["sent"]))
+        payload = [syncs * sum(gpipe_rank_step_bytes(setting.batch, numels, q).values()) + asm["sent"][q]
+                   + asm["received"][q] for q in range(world)]
+        fair = mb.fair_for_steps(steps) + evals
+    return {"mb": mb, "syncs": syncs, "fair_run": fair, "payload_per_rank": payload, "eval_bytes": evals,
+            "fair_per_sync": Fraction(fair - evals, syncs) if syncs else Fraction(0),
+            "paper_run": mb.paper_per_sync * syncs, "carry_momentum": carry, "assemble_payload": asm}
 
 
-def run_one(setting: Setting, method: str, world: int, out: Path, timeout: float) -> dict:
+def run_one(setting: Setting, method: str, world: int, out: Path, timeout: float, local_steps: int | None = None) -> dict:
+    """One job under ``scripts/mpirun.sh -np world``: its figures, each byte figure beside its
+    analytic count (``local_steps``: LoFT's K, default ``--local-steps``)."""
     from loft_hpc.checkpoint.h5file import read_run_file
     from loft_hpc.exchange.accounting import comm_link_bytes
+    from loft_hpc.models.pipeline import pipeline_blocks
 
-    run_dir = out / "runs" / f"{method}-{world}"
+    K = local_steps or setting.local_steps
+    run_dir = out / "runs" / (f"{method}-{world}" if local_steps is None else f"{method}-{world}-K{K}")
     shutil.rmtree(run_dir, ignore_errors=True)  # never resume an older job's checkpoint
     probe_dir = run_dir / "probe"
     cmd = [sys.executable, "-m", "loft_hpc.bench.probe", str(probe_dir), "loft_hpc.run", "--config", setting.config,
-           "--stage", "pretrain", *setting.overrides, *setting.method_args(method), f"output.dir={run_dir}"]
+           "--stage", "pretrain", *setting.overrides, *setting.method_args(method, K), f"output.dir={run_dir}"]
     cmd = [str(MPIRUN), "-np", str(world), *cmd]
     t0 = time.time()
     p = run_job(cmd, job_env(), timeout)
@@ -233,7 +295,8 @@ def run_one(setting: Setting, method: str, world: int, out: Path, timeout: float
     steps, wall, bpe = int(rf.progress["step"]), float(rf.progress["wall_time"]), int(rf.progress["batches_per_epoch"])
     cuts, shapes = setting.boundaries(method, world)
     numels = None if shapes is None else [math.prod(s) for s in shapes]
-    an = analytic(setting, method, world, steps, len(rf.metrics), numels)
+    cut_idx = None if cuts is None else [[n for n, _ in pipeline_blocks(setting.model)].index(c) for c in cuts]
+    an = analytic(setting, method, world, steps, [int(m["step"]) for m in rf.metrics], numels, cut_idx, K)
     mb = an["mb"]
     if bpe != mb.steps_per_epoch:
         raise BenchError(f"{method}-{world}: the run had {bpe} steps per epoch, the accounting says {mb.steps_per_epoch}")
@@ -243,6 +306,7 @@ def run_one(setting: Setting, method: str, world: int, out: Path, timeout: float
     seconds = [sum(float(r["seconds"]) for r in rf.comm if int(r["rank"]) == q) for q in range(world)]
     timed = any(s > 0 for s in seconds) or measured == 0
     images = steps * setting.batch * (1 if method == "gpipe" else world)
+    at_boundaries = comm_link_bytes(rf.comm, world, ("assemble",))
     cuda = [p["cuda_max_allocated_bytes"] for p in probes]
     return {
         "method": method, "S": world, "steps": steps, "epochs": exact(epochs), "steps_per_epoch": bpe,
@@ -252,10 +316,12 @@ def run_one(setting: Setting, method: str, world: int, out: Path, timeout: float
         "fair_run_measured": measured, "fair_run_analytic": an["fair_run"], "fair_run_difference": measured - an["fair_run"],
         "payload_per_rank_measured": payload_rank, "payload_per_rank_analytic": an["payload_per_rank"],
         "per_rank_equal": payload_rank == an["payload_per_rank"],
-        "eval_bytes_analytic": an["eval_bytes"],
+        "eval_bytes_analytic": an["eval_bytes"], "assemble_link_measured": at_boundaries,
+        "exchange": exchange(method) if base_method(method) == "loft" else None, "local_steps": an["mb"].steps_per_sync,
         "fair_per_epoch_measured": exact(measured / epochs), "fair_per_epoch_analytic": exact(an["fair_run"] / epochs),
         "fair_per_epoch_difference": exact((measured - an["fair_run"]) / epochs),
-        "fair_per_sync_analytic": mb.fair_per_sync, "fair_per_epoch_steady_analytic": exact(mb.fair_per_epoch),
+        "fair_per_sync_analytic": exact(an["fair_per_sync"]),
+        "fair_per_epoch_steady_analytic": exact(an["fair_per_sync"] * mb.syncs_per_epoch),
         "paper_run_analytic": an["paper_run"], "paper_per_epoch_analytic": exact(an["paper_run"] / epochs),
         "paper_per_sync_analytic": mb.paper_per_sync, "paper_per_epoch_steady_analytic": exact(mb.paper_per_epoch),
         "wall_seconds": wall, "wall_per_epoch": wall / float(epochs), "job_seconds": job_seconds,
@@ -353,17 +419,21 @@ def fmt_mib(b: int | None) -> str:
 
 
 def headline(runs: list[dict]) -> list[dict]:
-    """LoFT-S against GPipe-S, bytes per epoch, for every S with both runs."""
+    """LoFT-S (each exchange) against GPipe-S, bytes per epoch, for every S with both runs: fair
+    (measured), and the paper's convention, which does not depend on the exchange (one row)."""
     out = []
     by = {(r["method"], r["S"]): r for r in runs}
     for s in sorted({r["S"] for r in runs}):
-        lo, gp = by.get(("loft", s)), by.get(("gpipe", s))
-        if lo is None or gp is None:
+        gp = by.get(("gpipe", s))
+        lofts = [by[(lm, s)] for lm in ("loft", "loft-alltoall") if (lm, s) in by]
+        if gp is None or not lofts:
             continue
-        for conv, key in (("fair (measured)", "fair_per_epoch_measured"), ("paper (analytic)", "paper_per_epoch_analytic")):
+        rows = [(lo, "fair (measured)", "fair_per_epoch_measured") for lo in lofts]
+        rows.append((lofts[0], "paper (analytic)", "paper_per_epoch_analytic"))
+        for lo, conv, key in rows:
             ratio = gp[key] / lo[key] if lo[key] else None
-            out.append({"S": s, "convention": conv, "gpipe": gp[key], "loft": lo[key], "gpipe_over_loft": ratio,
-                        "paper": PAPER_IMPROVEMENT.get(s)})
+            out.append({"S": s, "loft_method": lo["method"], "exchange": lo["exchange"], "convention": conv,
+                        "gpipe": gp[key], "loft": lo[key], "gpipe_over_loft": ratio, "paper": PAPER_IMPROVEMENT.get(s)})
     return out
 
 
@@ -375,29 +445,35 @@ def markdown(res: dict) -> str:
          f"{' '.join(f'{x:.2f}' for x in res['load_average_after']) if res['load_average_after'] else '-'}.", "",
          f"Setting: {res['setting']}.", f"Config: {res['config']} with {' '.join(res['overrides'])}.", ""]
     L += ["| method | S | epochs | images per epoch | fair bytes/epoch, measured | fair, analytic | measured - analytic "
-          "| paper-convention bytes/epoch | images/s per rank | wall s/epoch | comm share | peak RSS per rank, MiB (max) "
-          "| CUDA peak per rank, MiB (max) |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| of which at evaluation and files | paper-convention bytes/epoch | images/s per rank | wall s/epoch "
+          "| comm share | peak RSS per rank, MiB (max) | CUDA peak per rank, MiB (max) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
         share = f"{r['comm_share']:.1%}" if r["comm_share"] is not None else "not timed"
         cuda = max(r["cuda_max_allocated_bytes_per_rank"]) if r["cuda_max_allocated_bytes_per_rank"] else None
         ips = r["images_per_second_per_rank"]
         L.append(f"| {r['method']} | {r['S']} | {r['epochs']} | {r['images_per_epoch']:,} | "
                  f"{fmt_bytes(r['fair_per_epoch_measured'])} | {fmt_bytes(r['fair_per_epoch_analytic'])} | "
-                 f"{fmt_bytes(r['fair_per_epoch_difference'])} | {fmt_bytes(r['paper_per_epoch_analytic'])} | "
+                 f"{fmt_bytes(r['fair_per_epoch_difference'])} | "
+                 f"{fmt_bytes(exact(Fraction(r['eval_bytes_analytic']) / Fraction(r['epochs'])))} | "
+                 f"{fmt_bytes(r['paper_per_epoch_analytic'])} | "
                  f"{'-' if ips is None else f'{ips:,.1f}'} | {r['wall_per_epoch']:,.2f} | {share} | "
                  f"{fmt_mib(r['peak_rss_bytes_max'])} | {fmt_mib(cuda)} |")
     unequal = [f"{r['method']}-{r['S']}" for r in res["runs"] if not r["per_rank_equal"]]
     payload_check = "DIFFERENT for " + ", ".join(unequal) if unequal else "equal for every run"
     L += ["", "Bytes: fair = total over all links, both directions, each byte once on every link it crosses, "
-          "collectives as their bandwidth-optimal ring algorithms (allgather: (S-1) x the inputs; allreduce: 2 (S-1) x "
-          "the floats; point-to-point: the bytes sent). Measured: that rule applied to every /comm row of the job (what "
-          "each rank handed to its collectives; every rank's payload is checked against its analytic count: "
-          f"{payload_check}); analytic: "
-          "loft_hpc/exchange/accounting.py for the same steps, plus the dense runs' BN averaging at their evaluation; "
+          "collectives as their bandwidth-optimal ring algorithms (allgather and assembly: (S-1) x the inputs; "
+          "allreduce: 2 (S-1) x the floats; point-to-point and alltoall: the bytes sent to other ranks). Measured: "
+          "that rule applied to every /comm row of the job (what each rank handed to its collectives; every rank's "
+          f"payload is checked against its analytic count: {payload_check}); analytic: "
+          "loft_hpc/exchange/accounting.py for the same steps (loft-alltoall: from every round's deal), plus what "
+          "the evaluation and the file needed: dense's BN averaging, the lean exchange's and GPipe's assembly of the "
+          "whole model (weights for the evaluation, momentum for the file; LoFT with allgather holds the whole "
+          "model: nothing); "
           "paper = the paper's convention (LoFT: a parameter server hands each worker its sub-network "
           "of parameters, one direction; GPipe: activations forward + gradients backward at the S-1 cuts, once each; "
-          "dense: each worker handed the averaged gradient). Each method's own epoch: LoFT = every worker one pass over "
+          "dense: each worker handed the averaged gradient; the same for both LoFT exchanges). loft-alltoall = LoFT "
+          "with train.exchange=alltoall (the lean exchange). Each method's own epoch: LoFT = every worker one pass over "
           "the training set (S passes in total; K local steps between syncs), dense = one pass in total, GPipe = one "
           "pass of the global batches through the pipeline.",
           "Images/s per rank = training images processed by the whole job / training wall time / S. Wall time: the "
@@ -413,13 +489,14 @@ def markdown(res: dict) -> str:
         L.append("")
     if res["headline"]:
         L += ["## Headline: LoFT-S against GPipe-S, bytes per epoch", "",
-              "| S | convention | GPipe-S | LoFT-S | GPipe / LoFT | paper (PreResNet-34 CIFAR-10, paper convention) |",
-              "|---|---|---|---|---|---|"]
+              "| S | LoFT exchange | convention | GPipe-S | LoFT-S | GPipe / LoFT | paper (PreResNet-34 CIFAR-10, paper "
+              "convention) |", "|---|---|---|---|---|---|---|"]
         for h in res["headline"]:
             ratio = "-" if h["gpipe_over_loft"] is None else f"{h['gpipe_over_loft']:.2f}x"
             paper = "-" if h["paper"] is None else f"{h['paper']:.2f}x"
-            L.append(f"| {h['S']} | {h['convention']} | {fmt_bytes(h['gpipe'])} | {fmt_bytes(h['loft'])} | {ratio} | "
-                     f"{paper} |")
+            ex = "either" if h["convention"].startswith("paper") else h["exchange"]
+            L.append(f"| {h['S']} | {ex} | {h['convention']} | {fmt_bytes(h['gpipe'])} | {fmt_bytes(h['loft'])} | "
+                     f"{ratio} | {paper} |")
         bk = res["batch"] * res["local_steps"]
         L += ["", "Reading it: per epoch GPipe moves 2 x 4 B sum_c n_c per step (n/B steps) and LoFT 4 (P + S Sh) per sync "
               "(n/(B K) syncs) in the paper's convention, 4 (S-1) (P' + 2 Sh') in the fair one (P', Sh': the floats the "
@@ -428,7 +505,9 @@ def markdown(res: dict) -> str:
               "the data set's size and the epochs, proportional to B K and, at a fixed depth, to 1 / width (activations "
               f"grow with the width, parameters with its square). Here B K = {res['batch']} x {res['local_steps']} = "
               f"{bk}; the paper's table implies B K = 128 x 15.6 = 2000 (500 syncs for 20 epochs of 390 batches) at "
-              "width 64.", ""]
+              "width 64. The lean exchange (loft-alltoall) sends each slice only to the rank that trains it next: over "
+              "the links about 4 ((S-1)/S P' + 2 (S-1) Sh') per sync (exactly: from the two rounds' deals) instead of "
+              "4 (S-1) (P' + 2 Sh'), plus the assembly of the whole model at each evaluation and for the file.", ""]
     if res["subnetwork"]:
         L += ["## LoFT: one rank's sub-network step against the full network (one core)", "",
               "| S | full step, ms | sub-network step, ms | speed-up (full / sub) | FLOPs ratio (full / sub) "
@@ -458,6 +537,20 @@ def markdown(res: dict) -> str:
               "final file, where both exchanges hold the full model. Rank 0 also keeps theta_0 for the files' /init. "
               "The model: "
               f"{res['memory'][0]['params']:,} floats.", ""]
+    if res.get("share"):
+        L += ["## LoFT: the exchange's share of wall time at K = " + " and ".join(str(k) for k in res["share_k"]), "",
+              "| S | K | exchange | syncs | fair bytes/epoch, measured | measured - analytic | exchange s per sync "
+              "(rank mean) | wall s/epoch | comm share |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in res["share"]:
+            share = f"{r['comm_share']:.1%}" if r["comm_share"] is not None else "not timed"
+            per_sync = sum(r["comm_seconds_per_rank"]) / r["S"] / r["syncs"] if r["syncs"] else 0.0
+            L.append(f"| {r['S']} | {r['local_steps']} | {r['exchange']} | {r['syncs']} | "
+                     f"{fmt_bytes(r['fair_per_epoch_measured'])} | {fmt_bytes(r['fair_per_epoch_difference'])} | "
+                     f"{per_sync:.3f} | {r['wall_per_epoch']:,.2f} | {share} |")
+        L += ["", "The same setting as the first table, one epoch per job, LoFT with K local steps between syncs. Comm "
+              "share: the ranks' mean time inside the exchange's collectives (allgather or alltoall, the allreduce of "
+              "the shared tensors, and for alltoall the assembly for the final evaluation and file, which runs after "
+              "the loop's clock stops) / the training wall time, waiting for the slowest rank included.", ""]
     cores = res["machine"]["cores"] or 1
     if any(r["S"] > cores for r in res["runs"]):
         L += [f"On this {cores}-core machine jobs with more than {cores} ranks are oversubscribed: their images/s per "
@@ -479,6 +572,8 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--local-steps", type=int, default=4, help="LoFT's K")
     ap.add_argument("--microbatches", type=int, default=4, help="GPipe's micro-batches per global batch")
     ap.add_argument("--balance", default="flops", choices=("flops", "params"), help="GPipe's stage balance")
+    ap.add_argument("--share-k", type=int, nargs="*", default=list(SHARE_K),
+                    help="LoFT's K for the exchange-share table (both exchanges at every --ranks; none: skip)")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                     help="also LoFT's memory, allgather against alltoall, at S = 1 and every --ranks (full-width "
                          "CIFAR PreResNet-34; --tiny: the tiny model)")
@@ -555,6 +650,16 @@ def _main(argv: list[str] | None) -> int:
             runs.append(r)
             print(f"{r['job_seconds']:.0f} s; fair bytes/epoch measured {fmt_bytes(r['fair_per_epoch_measured'])}, "
                   f"analytic {fmt_bytes(r['fair_per_epoch_analytic'])}", flush=True)
+    share = []
+    if "loft" in methods and a.share_k:  # the exchange's share of wall time at other K, both exchanges
+        for s in (s for s in a.ranks if s > 1):
+            for k in a.share_k:
+                for m in ("loft", "loft-alltoall"):
+                    print(f"bench: exchange share, {m}-{s} K = {k} ...", end=" ", flush=True)
+                    r = run_one(setting, m, s, out, a.timeout, local_steps=k)
+                    share.append(r)
+                    print(f"{r['job_seconds']:.0f} s; comm share "
+                          f"{'not timed' if r['comm_share'] is None else format(r['comm_share'], '.1%')}", flush=True)
     memory = []
     if a.memory:
         mem_over = [*(MEMORY_TINY if a.tiny else MEMORY_MODEL), *a.sets]
@@ -574,7 +679,8 @@ def _main(argv: list[str] | None) -> int:
     res = {"machine": machine, "load_average_after": after, "setting": setting.describe(), "config": config,
            "overrides": setting.overrides, "batch": setting.batch,
            "local_steps": setting.local_steps, "microbatches": setting.microbatches,
-           "runs": runs, "headline": headline(runs), "subnetwork": sub, "memory": memory}
+           "runs": runs, "headline": headline(runs), "subnetwork": sub, "memory": memory,
+           "share_k": list(a.share_k), "share": share}
     md = markdown(res)
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "results.md").write_text(md + "\n")

@@ -248,6 +248,23 @@ def gpipe_rank_step_bytes(batch: int, boundary_numels: list[int], rank: int) -> 
     return {"p2p_sent": b, "p2p_received": b}
 
 
+def gpipe_assemble_bytes(model: nn.Module, stage_names: list[list[str]], rank: int, momentum: bool) -> dict:
+    """``/comm`` assemble columns of stage ``rank`` for one GPipe assembly: the bytes of its own
+    parameters and buffers (with ``momentum``: the momentum of its parameters, float32 of their
+    shapes) sent, the other stages' received. ``stage_names``: each stage's state names
+    (:func:`loft_hpc.models.pipeline.stage_state_names`)."""
+    state = model.state_dict()
+    params = {n for n, _ in model.named_parameters()}
+
+    def held(names: list[str]) -> int:
+        if momentum:
+            return sum(FLOAT_BYTES * state[n].numel() for n in names if n in params)
+        return sum(state[n].numel() * state[n].element_size() for n in names)
+
+    per = [held(names) for names in stage_names]
+    return {"assemble_sent": per[rank], "assemble_received": sum(per) - per[rank]}
+
+
 # ------------------------------------------------------------------------- fair convention
 def link_bytes(world: int, allgather: int = 0, allreduce: int = 0, p2p: int = 0, alltoall: int = 0,
                assemble: int = 0) -> int:

@@ -121,6 +121,20 @@ def stage_ranges(n_blocks: int, cuts: list[int]) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def stage_state_names(model: nn.Module, blocks: list[tuple[str, nn.Module]], cuts: list[int]) -> list[list[str]]:
+    """The ``model.state_dict()`` names (parameters and buffers) each stage owns, in state order."""
+    owner = {}
+    for s, (lo, hi) in enumerate(stage_ranges(len(blocks), cuts)):
+        for _, m in blocks[lo:hi]:
+            for v in [*m.parameters(), *m.buffers()]:
+                owner[id(v)] = s
+    names: list[list[str]] = [[] for _ in range(len(cuts) + 1)]
+    for n, v in model.state_dict(keep_vars=True).items():
+        if id(v) in owner:
+            names[owner[id(v)]].append(n)
+    return names
+
+
 @torch.no_grad()
 def boundary_shapes(blocks: list[tuple[str, nn.Module]], cuts: list[int], sample: torch.Tensor) -> list[tuple[int, ...]]:
     """Per-sample shape of the activation crossing each cut (forward on one sample in eval mode;

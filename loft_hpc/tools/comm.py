@@ -13,7 +13,8 @@ number of rounds with traffic (round 0 = before the first step; kept out of the 
 averages), the average per sync, and a check of every row against the
 analytic bytes of :mod:`loft_hpc.exchange.accounting` (LoFT: ``loft_sync_bytes`` per round;
 dense: ``dense_step_bytes`` per step; GPipe: ``gpipe_rank_step_bytes`` per step, when the file's
-pipeline can be rebuilt) and of the totals against the ``/metrics`` byte counters. With several
+pipeline can be rebuilt; the lean exchange: ``loft_alltoall_bytes`` from the two rounds' deals;
+where the model was assembled for a boundary, the assembly too) and of the totals against the ``/metrics`` byte counters. With several
 files a comparison table follows. ``--per-round``: one line per round. Every file is read (and
 checked) before anything is printed.
 
@@ -341,16 +342,6 @@ def comm_summary(rf) -> dict:
             "rows": len(rf.comm), "links": links, "links_sync": links_sync}
 
 
-def expected_row(rf, exp: dict[int, int], extra: tuple[int, set[int]] | None, row) -> int:
-    """The analytic payload of one /comm row: the per-round figure of its rank, plus, for dense
-    runs, the BN averaging of an evaluation or weight snapshot at the row's step (``extra``:
-    bytes per rank, steps)."""
-    want = exp.get(int(row["rank"]), -1)
-    if extra is not None and int(row["step"]) in extra[1]:
-        want += extra[0]
-    return want
-
-
 def dense_boundary_steps(rf) -> set[int]:
     """Steps where a dense run averaged its BN statistics: its evaluations (/metrics) and weight
     snapshots (``weights@<step>it.h5``)."""
@@ -364,44 +355,85 @@ def dense_boundary_steps(rf) -> set[int]:
     return steps
 
 
-def analytic(rf) -> tuple[str, dict[int, int] | None, tuple[int, set[int]] | None]:
-    """Expected payload (sent + received) per rank and row, from the model rebuilt out of the
-    config; for dense runs also the BN averaging per rank and the steps where it happened."""
+def _with_assembly(base: int, weights: int, momentum: int) -> set[int]:
+    """A row's possible payloads when the model may have been assembled at its step: nothing, the
+    weights (a snapshot or an evaluation), the momentum (a file at a step already assembled) or both."""
+    return {base, base + weights, base + momentum, base + weights + momentum}
+
+
+def analytic(rf):
+    """A description of the analytic count and a function giving, for a /comm row of a round >= 1,
+    the payloads (sent + received) it may have, from the model rebuilt out of the config; None
+    when the model cannot be rebuilt. Where a row may include an assembly of the full model (the
+    lean exchange, GPipe) or dense's BN averaging, the set holds the row with and without it."""
     from loft_hpc.exchange.accounting import dense_eval_rank_bytes, dense_step_bytes, loft_sync_bytes
 
     built = build_model(rf)
     if built is None:
-        return "model could not be rebuilt from the file's config", None, None
+        return "model could not be rebuilt from the file's config", None
     model, cfg = built
     world = rf.world_size
     method = cfg.train.method if rf.stage.startswith("pretrain") else "dense"
     if method == "loft":
         carry = cfg.train.momentum_mode == "carry" and cfg.train.momentum > 0
+        if getattr(cfg.train, "exchange", "allgather") == "alltoall":
+            return lean_analytic(model, cfg, world, carry)
         exp = {q: sum(loft_sync_bytes(model, model.filter_groups(), world, q, carry).values()) for q in range(world)}
-        return f"LoFT, loft_sync_bytes(world={world}, carry_momentum={carry}) per round", exp, None
+        return (f"LoFT, loft_sync_bytes(world={world}, carry_momentum={carry}) per round",
+                lambda row: {exp[int(row["rank"])]})
     if method == "gpipe":
-        return (*gpipe_analytic(rf, model, cfg), None)
+        return gpipe_analytic(rf, model, cfg)
     if world == 1:
-        return "dense on 1 rank: no traffic expected", dict.fromkeys(range(world), 0), None
+        return "dense on 1 rank: no traffic expected", lambda row: {0}
     b = sum(dense_step_bytes(model).values())
     ev = sum(dense_eval_rank_bytes(model).values())
-    return (f"dense, dense_step_bytes per step (K = 1) on {world} ranks, + dense_eval_rank_bytes {ev:,} B at an "
-            f"evaluation or weight snapshot", dict.fromkeys(range(world), b), (ev, dense_boundary_steps(rf)))
+    steps = dense_boundary_steps(rf)
+    return (f"dense, dense_step_bytes {b:,} B per step (K = 1) on {world} ranks, + dense_eval_rank_bytes {ev:,} B "
+            f"at an evaluation or weight snapshot", lambda row: {b + (ev if int(row["step"]) in steps else 0)})
 
 
-def gpipe_analytic(rf, model, cfg) -> tuple[str, dict[int, int] | None]:
+def lean_analytic(model, cfg, world: int, carry: bool):
+    """LoFT's lean exchange: round r's row moves the slices from round r-1's deal to round r's
+    (:func:`~loft_hpc.exchange.accounting.loft_alltoall_bytes`) and averages the shared tensors;
+    where the model was assembled at the row's step, the home slices of round r's deal
+    (:func:`~loft_hpc.exchange.accounting.assemble_bytes`: weights, momentum)."""
+    from functools import lru_cache
+
+    from loft_hpc.exchange.accounting import assemble_bytes, loft_alltoall_bytes
+    from loft_hpc.partition.plan import PartitionPlan
+
+    groups = model.filter_groups()
+    part = [g for g in groups if g.partitioned]
+
+    @lru_cache(maxsize=4)
+    def keeps(r: int) -> tuple:
+        plan = PartitionPlan.draw(cfg.train.seed, r, part, world)
+        return tuple(plan.keep(q) for q in range(world))
+
+    def expect(row) -> set[int]:
+        r, q = int(row["round"]), int(row["rank"])
+        base = sum(loft_alltoall_bytes(model, groups, list(keeps(r - 1)), list(keeps(r)), q, carry).values())
+        w, m = (sum(assemble_bytes(model, groups, list(keeps(r)), q, mom).values()) for mom in (False, True))
+        return _with_assembly(base, w, m)
+
+    return (f"LoFT lean exchange, loft_alltoall_bytes from the two rounds' deals (world={world}, carry_momentum="
+            f"{carry}) per round, + assemble_bytes of the weights and/or momentum where the model was assembled", expect)
+
+
+def gpipe_analytic(rf, model, cfg):
     """GPipe: every step moves each stage's boundary activations and their gradients
     (:func:`~loft_hpc.exchange.accounting.gpipe_rank_step_bytes`), at the cuts the trainer
-    resolves from the file's config."""
+    resolves from the file's config; where the model was assembled at the row's step, the
+    stage's weights and/or momentum (:func:`~loft_hpc.exchange.accounting.gpipe_assemble_bytes`)."""
     import math
 
-    from loft_hpc.exchange.accounting import gpipe_rank_step_bytes
+    from loft_hpc.exchange.accounting import gpipe_assemble_bytes, gpipe_rank_step_bytes
 
     world = rf.world_size
     try:
         import torch
 
-        from loft_hpc.models.pipeline import boundary_shapes, pipeline_blocks
+        from loft_hpc.models.pipeline import boundary_shapes, pipeline_blocks, stage_state_names
         from loft_hpc.train.gpipe import resolve_cuts
 
         blocks = pipeline_blocks(model)
@@ -414,14 +446,18 @@ def gpipe_analytic(rf, model, cfg) -> tuple[str, dict[int, int] | None]:
         sample = torch.zeros(1, model.conv1.in_channels, size, size)
         cuts = resolve_cuts(cfg, blocks, world, sample)
         shapes = boundary_shapes(blocks, cuts, sample)
+        names = stage_state_names(model, blocks, cuts)
     except Exception as e:  # noqa: BLE001 - a pipeline this version cannot rebuild: no check
         return f"GPipe: the pipeline could not be rebuilt ({type(e).__name__}: {e})", None
     numels = [math.prod(s) for s in shapes]
     batch = cfg.data.batch_size
-    exp = {q: sum(gpipe_rank_step_bytes(batch, numels, q).values()) for q in range(world)}
+    step = {q: sum(gpipe_rank_step_bytes(batch, numels, q).values()) for q in range(world)}
+    asm = {q: [sum(gpipe_assemble_bytes(model, names, q, mom).values()) for mom in (False, True)] for q in range(world)}
     cut_names = ", ".join(blocks[c][0] for c in cuts) or "none"
     return (f"GPipe, gpipe_rank_step_bytes(batch={batch}, activations {' + '.join('x'.join(map(str, s)) for s in shapes) or '-'}"
-            f" per sample at the cuts before {cut_names}) per step", exp)
+            f" per sample at the cuts before {cut_names}) per step, + gpipe_assemble_bytes of the weights and/or "
+            f"momentum where the stages were assembled",
+            lambda row: _with_assembly(step[int(row["rank"])], *asm[int(row["rank"])]))
 
 
 def describe(rf) -> str:
@@ -462,12 +498,11 @@ def print_run(path: str, rf, per_round: bool) -> dict:
     lps = s["links_sync"] / nsync if nsync else 0
     print(f"   over all links (fair convention: allgather (S-1) x sent, allreduce 2 (S-1)/S x sent, p2p sent): "
           f"{s['links']:,} B = {fmt_bytes(s['links'])}; per sync {fmt_bytes(lps)}")
-    text, exp, extra = analytic(rf)
-    if exp is not None:
+    text, expect = analytic(rf)
+    if expect is not None:
         rows = [r for r in rf.comm if int(r["round"]) > 0]
-        ok = sum(1 for r in rows if row_bytes(r) == expected_row(rf, exp, extra, r))
-        per = ", ".join(f"rank {q} {b:,}" for q, b in exp.items())
-        print(f"   analytic ({text}): {per} B per row; {ok}/{len(rows)} rows equal it")
+        ok = sum(1 for r in rows if row_bytes(r) in expect(r))
+        print(f"   analytic ({text}): {ok}/{len(rows)} rows equal it")
     else:
         print(f"   analytic: {text}")
     if rf.metrics:
@@ -476,7 +511,15 @@ def print_run(path: str, rf, per_round: bool) -> dict:
         rows_upto = [r for r in rf.comm if int(r["step"]) <= int(m["step"])]
         cs = sum(row_bytes(r, SENT) for r in rows_upto)
         cr = sum(row_bytes(r, RECEIVED) for r in rows_upto)
-        same = "equal" if (cs, cr) == (ms, mr) else "DIFFERENT"
+        at = [r for r in rows_upto if int(r["step"]) == int(m["step"])]
+        asm_s, asm_r = (sum(int(r.get(f"assemble_{d}", 0)) for r in at) for d in ("sent", "received"))
+        if (cs, cr) == (ms, mr):
+            same = "equal"
+        elif 0 < cs - ms <= asm_s and 0 < cr - mr <= asm_r:  # the same row also holds what was gathered for the file
+            same = (f"equal but for {cs - ms:,} / {cr - mr:,} B of assembly at step {m['step']} after the evaluation "
+                    "(the momentum gathered for the file)")
+        else:
+            same = "DIFFERENT"
         print(f"   /metrics at step {m['step']}: sent {ms:,} received {mr:,} (all ranks); /comm up to that step: "
               f"sent {cs:,} received {cr:,}: {same}")
     if per_round:

@@ -22,10 +22,13 @@ The stages are built in static mode (example input and output tensors from the c
 no metadata-inference forward pass runs before the first step, so BN statistics and counts see
 only the real micro-batches.
 
-At a boundary that snapshots, evaluates or saves, every rank's stage state (parameters, buffers,
-momentum) is gathered to every rank over MPI (:meth:`GPipeTrainer.assemble`: not training
-traffic, not counted, as no method counts its checkpoint or evaluation plumbing), so evaluation,
-filter-score snapshots, ticket detection and the files are the shared code of the other methods.
+At a boundary that snapshots, evaluates or saves, every rank's stage parameters and buffers are
+gathered to every rank over MPI (:meth:`GPipeTrainer.assemble`), and before a file also their
+momentum (:meth:`GPipeTrainer.before_save`), so evaluation, filter-score snapshots, ticket
+detection and the files are the shared code of the other methods. Both gathers are counted as
+kind ``assemble`` in ``/comm`` (each rank sends its stage's bytes, receives the others'), as the
+lean LoFT exchange counts its own assembly: the model made whole where it is needed is traffic
+of both methods, counted the same way (:func:`loft_hpc.exchange.accounting.gpipe_assemble_bytes`).
 Every rank therefore holds the whole model (and, after a save, a CPU copy of all momentum): the
 pipeline splits the compute and the activations, not the memory of the weights, in this package.
 """
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loft_hpc.models.pipeline import (balanced_cuts, block_flops, block_params, boundary_shapes, pipeline_blocks,
-                                      stage_ranges)
+                                      stage_ranges, stage_state_names)
 from loft_hpc.train import callbacks
 from loft_hpc.train.engine import RoundTrainer
 from loft_hpc.train.optim import make_sgd
@@ -144,9 +147,8 @@ class GPipeTrainer(RoundTrainer):
         self.ranges = stage_ranges(len(self.blocks), self.cuts)
         lo, hi = self.ranges[r]
         self.stage_module = nn.Sequential(*[m for _, m in self.blocks[lo:hi]])
-        own = {id(p) for p in self.stage_module.parameters()} | {id(b) for b in self.stage_module.buffers()}
-        self.owned = [n for n, v in model.state_dict(keep_vars=True).items() if id(v) in own]
-        self.owned_params = [n for n, p in model.named_parameters() if id(p) in own]
+        self.owned = stage_state_names(model, self.blocks, self.cuts)[r]
+        self.owned_params = [n for n, _ in model.named_parameters() if n in set(self.owned)]
         shapes = boundary_shapes(self.blocks, self.cuts, sample)
         self.boundary = shapes
         mb = self.cfg.data.batch_size // self.M
@@ -163,7 +165,7 @@ class GPipeTrainer(RoundTrainer):
         self.schedule = ScheduleGPipe(stage, n_microbatches=self.M, loss_fn=F.cross_entropy, scale_grads=True)
         self.opt = make_sgd(self.stage_module, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         self._full_momentum: dict[str, torch.Tensor] = {}
-        self._assembled_step = -1
+        self._assembled_step = self._momentum_step = -1
 
     # ------------------------------------------------------------------ training
     def train_round(self, n_steps: int) -> None:
@@ -191,20 +193,35 @@ class GPipeTrainer(RoundTrainer):
             self.opt.step()
 
     # ------------------------------------------------------------------ the assembled model
+    def _gather(self, mine: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Every rank's ``mine`` on every rank (MPI), counted as ``assemble``: sent = this rank's
+        bytes, received = the other ranks'."""
+        t0 = time.perf_counter()
+        parts = self.dist.comm.allgather(mine)  # collective order: every rank, at assembling boundaries
+        nbytes = [sum(t.nbytes for t in p.values()) for p in parts]
+        r = self.dist.rank
+        self.coll.counter.add("assemble", nbytes[r], sum(nbytes) - nbytes[r], time.perf_counter() - t0)
+        return parts
+
     def assemble(self) -> None:
-        """Every stage's current parameters, buffers and momentum on every rank (MPI, uncounted):
-        the full model for snapshots, evaluation and files. Once per step."""
+        """Every stage's current parameters and buffers on every rank: the full model for
+        snapshots, evaluation and files. Once per step."""
         if self._assembled_step == self.step:
             return
         state = self.model.state_dict()
-        mine = ({n: state[n].detach().cpu() for n in self.owned}, self._own_momentum())
-        parts = self.dist.comm.allgather(mine)  # collective order: every rank, at assembling boundaries
+        parts = self._gather({n: state[n].detach().cpu() for n in self.owned})
         with torch.no_grad():
-            for tensors, _ in parts:
+            for tensors in parts:
                 for n, t in tensors.items():
                     state[n].copy_(t.to(state[n].device))
-        self._full_momentum = {n: t for _, mom in parts for n, t in mom.items()}
         self._assembled_step = self.step
+
+    def before_save(self) -> None:
+        """Every stage's momentum on every rank, for the file. Once per step."""
+        if self._momentum_step == self.step:
+            return
+        self._full_momentum = {n: t for mom in self._gather(self._own_momentum()) for n, t in mom.items()}
+        self._momentum_step = self.step
 
     def _own_momentum(self) -> dict[str, torch.Tensor]:
         params = dict(self.model.named_parameters())
