@@ -111,11 +111,29 @@ def main(argv: list[str] | None = None) -> int:
                     seen.add(m)
                     error_line(m if len(errors) == dist.size else f"rank {r}: {m}")
         return EXIT_CONFIG if codes == {EXIT_CONFIG} else 1
+    if dist.is_root:
+        _note_external_model(cfg)
     if args.print_config:
         if dist.is_root:
             print(config_to_yaml(cfg), end="")
         return 0
     return run_stages(cfg, dist, stages, bundle)
+
+
+def _note_external_model(cfg) -> None:
+    """One line when the ResNet-only model keys were set for a model the package did not write."""
+    from loft_hpc.config.schema import ModelConfig
+    from loft_hpc.models.external import is_external
+    from loft_hpc.utils.log import log
+
+    if not is_external(cfg.model.arch):
+        return
+    default = ModelConfig()
+    ignored = [f"model.{k}={getattr(cfg.model, k)}" for k in ("width", "inner_width_factor", "stem")
+               if getattr(cfg.model, k) != getattr(default, k)]
+    if ignored:
+        log(f"note: {', '.join(ignored)} do(es) not apply to {cfg.model.arch} (built as its author wrote it): "
+            "ignored", rank=0)
 
 
 def _one_line(e: BaseException) -> str:

@@ -81,7 +81,8 @@ def _check_field(key: str, f: dataclasses.Field, value: Any) -> None:
         except TypeError:
             ok = False
         if not ok:
-            raise ConfigError(f"{key}: {value!r} {what}")
+            hint = _suggest(str(value), f.metadata["suggest"]) if f.metadata.get("suggest") else ""
+            raise ConfigError(f"{key}: {value!r} {what}{hint}")
 
 
 def _build_section(name: str, raw: Any):

@@ -10,14 +10,16 @@ with the data set loaded, by :func:`loft_hpc.validate.validate_job` before any c
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 from loft_hpc.config.steps import Step
 
 
-def opt(default, help: str, check=None, choices=None):
-    meta = {"help": help, "check": check, "choices": choices}
+def opt(default, help: str, check=None, choices=None, suggest=None):
+    """A field; ``suggest``: names a failed ``check`` suggests the closest of (a typo)."""
+    meta = {"help": help, "check": check, "choices": choices, "suggest": suggest}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -30,6 +32,11 @@ UNIT = (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
 RATIOS = (lambda v: len(v) > 0 and all(0.0 < x < 1.0 for x in v), "must be a non-empty list of values in (0, 1)")
 
 ARCHS = ("preresnet18", "preresnet34", "resnet34", "resnet18_lth", "lenet300_100", "conv2", "conv4", "conv6", "vgg19")
+# the package's own models, or one whose filter groups are derived from its graph (loft_hpc/models/external.py)
+ARCH = (lambda v: v in ARCHS or (v.startswith("torchvision.") and len(v) > 12)
+        or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v) is not None,
+        f"must be one of {', '.join(ARCHS)}, torchvision.<name> (a classification CNN of "
+        "torchvision.models.list_models()) or package.module:factory (your own)")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")
 CONTROLS = ("random_reinit", "random_prune")
 CONTROL_LIST = (lambda v: all(isinstance(x, str) and x in CONTROLS for x in v) and len(set(v)) == len(v),
@@ -55,11 +62,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = opt("preresnet18", "network architecture", choices=ARCHS)
+    arch: str = opt("preresnet18", "network architecture: the package's own (" + ", ".join(ARCHS) + "), torchvision.<name> (e.g. torchvision.resnet50, torchvision.mobilenet_v2) or package.module:factory (a function returning your nn.Module, called with whichever of num_classes, in_channels, image_size it takes); for the last two the filter groups are derived from the model's graph (README, Your own model)", check=ARCH, suggest=ARCHS)
     stem: str = opt("auto", "ResNet stem: cifar (3x3, no max-pool), imagenet (7x7/2 + max-pool), auto (from the data set)", choices=("auto", "cifar", "imagenet"))
     width: int = opt(64, "channels of the first stage (ResNets: 64 in the paper; 16 for the LTH ResNet-18); later stages double it", check=POS)
     inner_width_factor: float = opt(1.0, "ResNet blocks: inner width (conv1 out / bn2 / conv2 in) as a multiple of the block width (the paper's release uses 2)", check=POS)
-    partition_rule: str = opt("loft", "which filter groups LoFT partitions: loft (the model's default: the paper's rule for ResNets), all, none", choices=("loft", "all", "none"))
+    partition_rule: str = opt("loft", "which filter groups LoFT partitions: loft (the model's default: the paper's rule for ResNets, inner channels of the non-first blocks of stages 2-4; for a derived model the same rule read from its graph), all (every group; auto is the same), none", choices=("loft", "all", "auto", "none"))
 
 
 @dataclass

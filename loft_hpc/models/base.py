@@ -17,8 +17,8 @@ class GroupedModel(nn.Module):
 
     def __init__(self, partition_rule: str = "loft") -> None:
         super().__init__()
-        if partition_rule not in ("loft", "all", "none"):
-            raise ValueError(f"partition_rule must be loft, all or none, got {partition_rule!r}")
+        if partition_rule not in ("loft", "all", "auto", "none"):
+            raise ValueError(f"partition_rule must be loft, all (or auto) or none, got {partition_rule!r}")
         self.partition_rule = partition_rule
 
     def filter_groups(self) -> list[FilterGroup]:  # pragma: no cover - abstract
@@ -26,7 +26,7 @@ class GroupedModel(nn.Module):
 
     def _is_partitioned(self, default: bool) -> bool:
         """Apply ``partition_rule`` to a group whose default (rule ``loft``) is ``default``."""
-        return {"loft": default, "all": True, "none": False}[self.partition_rule]
+        return {"loft": default, "all": True, "auto": True, "none": False}[self.partition_rule]
 
     def prunable_weights(self) -> list[str]:
         """``state_dict`` names of every conv and linear weight, in module order."""

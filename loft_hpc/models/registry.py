@@ -34,8 +34,14 @@ def build_model(cfg: "ModelConfig", *, num_classes: int, in_channels: int, image
     """The model ``cfg.arch`` for ``in_channels`` x ``image_size`` x ``image_size`` inputs and
     ``num_classes`` outputs. ``stem='auto'`` means the imagenet stem iff ``dataset == 'imagenet'``.
     Raises ``ValueError`` for an unknown arch or an impossible combination."""
-    if cfg.arch not in ARCH_NAMES:
-        raise ValueError(f"unknown arch {cfg.arch!r}; choose one of {', '.join(ARCH_NAMES)}")
+    from loft_hpc.models.external import arch_problem, build_external, is_external
+
+    if cfg.arch not in ARCH_NAMES and not is_external(cfg.arch):
+        raise ValueError(f"unknown arch {cfg.arch!r}; choose one of {', '.join(ARCH_NAMES)}, torchvision.<name> or "
+                         "package.module:factory" + (f" ({arch_problem(cfg.arch)})" if arch_problem(cfg.arch) else ""))
+    if is_external(cfg.arch):  # model.width, inner_width_factor and stem do not apply (run.py says so)
+        return build_external(cfg.arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                              partition_rule=cfg.partition_rule)
     for what, v in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size), ("width", cfg.width)):
         if v < 1:
             raise ValueError(f"{cfg.arch}: {what} must be >= 1, got {v}")

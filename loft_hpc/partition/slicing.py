@@ -68,6 +68,8 @@ class TensorSlicer:
 
 def _fix_module_metadata(module: nn.Module) -> None:
     if isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups > 1 and module.groups == module.in_channels == module.out_channels:
+            module.groups = module.weight.shape[0]  # depthwise: one group per kept channel
         module.out_channels = module.weight.shape[0]
         module.in_channels = module.weight.shape[1] * module.groups
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
