@@ -173,14 +173,14 @@ def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def stop_and_resume(np: int, args: list[str], out, fault: str, stop_step: int, total: int, reference,
-                    assembles: bool = False) -> None:
+                    assembles: list[tuple[int, int]] | None = None) -> None:
     """``args`` (writing to ``out``) with the stop signal ``fault`` (LOFT_FAULT_INJECT
     rank:round:stage:term) reaching one rank: rank 0, which logs, stops because the ranks agreed
     on the request, the checkpoint is written at ``stop_step``, the job exits 3 without a final
     file; the same command (a requeued job) resumes at ``stop_step`` of ``total`` and ends with
     exactly ``reference`` (the uninterrupted run's pretrain.h5). ``assembles``: the method gathers
     the model for a file (GPipe, the lean exchange), so the stop's extra checkpoint moved bytes the
-    reference did not: :func:`assert_same_run_but_stop_assembly`."""
+    reference did not, each rank's (sent, received) given: :func:`assert_same_run_but_stop_assembly`."""
     from loft_hpc.checkpoint.h5file import read_run_file
 
     env = {"LOFT_FAULT_INJECT": fault}
@@ -194,18 +194,19 @@ def stop_and_resume(np: int, args: list[str], out, fault: str, stop_step: int, t
     assert read_run_file(out / "ckpt" / "pretrain" / ckpt).progress["step"] == stop_step
     p = ok(run_job(np, args, env=env))
     assert "resumed from" in p.stdout and f"at step {stop_step}/{total}" in p.stdout, p.stdout[-2000:]
-    if assembles:
-        assert_same_run_but_stop_assembly(read_run_file(out / "pretrain.h5"), read_run_file(reference), stop_step)
+    if assembles is not None:
+        assert_same_run_but_stop_assembly(read_run_file(out / "pretrain.h5"), read_run_file(reference), stop_step,
+                                          assembles)
     else:
         assert_same_run(read_run_file(out / "pretrain.h5"), read_run_file(reference))
 
 
-def assert_same_run_but_stop_assembly(a, b, stop_step: int) -> None:
+def assert_same_run_but_stop_assembly(a, b, stop_step: int, extra_per_rank: list[tuple[int, int]]) -> None:
     """``a`` (stopped at ``stop_step``, checkpointed there and resumed) equals ``b`` (uninterrupted)
     in everything but the bytes of the extra checkpoint's assembly: every rank's /comm row at
-    ``stop_step`` has more ``assemble`` bytes (sent and received) in ``a``, each rank's byte
-    counters differ by exactly that rank's extra, and every /metrics row after the stop by the sum
-    over the ranks; nothing else differs."""
+    ``stop_step`` has exactly ``extra_per_rank[rank]`` (sent, received) more ``assemble`` bytes in
+    ``a``, each rank's byte counters differ by exactly that, and every /metrics row after the stop
+    by the sum over the ranks; nothing else differs."""
     from loft_hpc.testing.compare import run_differences
 
     cols = ("assemble_sent", "assemble_received", "bytes_sent", "bytes_received")
@@ -220,7 +221,7 @@ def assert_same_run_but_stop_assembly(a, b, stop_step: int) -> None:
             extra[int(ra["rank"])] = d
         else:
             assert d == (0, 0), (ra, rb)
-    assert sorted(extra) == list(range(a.world_size))
+    assert [extra[q] for q in sorted(extra)] == [tuple(e) for e in extra_per_rank], (extra, extra_per_rank)
     for q, (sa, sb) in enumerate(zip(a.ranks, b.ranks)):
         assert (sa["bytes_sent"] - sb["bytes_sent"], sa["bytes_received"] - sb["bytes_received"]) == extra[q]
     for ma, mb in zip(a.metrics, b.metrics):

@@ -47,10 +47,53 @@ def _same_but_backend(a, b) -> None:
     assert {k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k)} == {"train.backend"}
 
 
-def test_two_ranks_loft_is_identical_over_both_backends(tmp_path):
-    runs = _pair(tmp_path, 2, ["train.check_sync=true"])
+COLLECTIVES = r"""
+import sys
+import torch
+from loft_hpc.exchange.backends import make_backend
+from loft_hpc.utils.dist import close_torch_group, init_mpi
+
+dist, err = init_mpi("cpu", 1)
+assert err is None, err
+S, r = dist.size, dist.rank
+got = {}
+for name in ("horovod", "torch"):
+    b = make_backend(name, dist)
+    mine = torch.arange(r + 1, dtype=torch.float32) + 10 * r           # unequal parts: r + 1 floats
+    sizes = [q + 1 for q in range(S)]
+    send = [(r + q) % 3 for q in range(S)]                               # rank r sends send[q] floats to q
+    recv = [(q + r) % 3 for q in range(S)]
+    part = torch.cat([torch.full((send[q],), 100.0 * r + q) for q in range(S)])
+    got[name] = [b.allgather(mine, sizes, f"{name}.ag"), b.alltoall(part, send, recv, f"{name}.a2a"),
+                 b.allreduce(torch.full((3,), float(r + 1)), True, f"{name}.avg"),
+                 b.allreduce(torch.full((3,), float(r + 1)), False, f"{name}.sum"),
+                 b.broadcast(torch.full((2,), float(r)), S - 1, f"{name}.bc")]
+want = [torch.cat([torch.arange(q + 1, dtype=torch.float32) + 10 * q for q in range(S)]),
+        torch.cat([torch.full(((q + r) % 3,), 100.0 * q + r) for q in range(S)]),
+        torch.full((3,), (S + 1) / 2), torch.full((3,), S * (S + 1) / 2), torch.full((2,), float(S - 1))]
+for name, vals in got.items():
+    for i, (g, w) in enumerate(zip(vals, want)):
+        assert torch.allclose(g, w), (name, i, g, w)
+close_torch_group()
+print(f"collectives ok on rank {r}", flush=True)
+"""
+
+
+def test_each_collective_gives_the_expected_result_over_both_backends(tmp_path):
+    """allgather of unequal parts, alltoall with uneven splits (some empty), allreduce (average
+    and sum) and broadcast, on 3 ranks over Horovod and over torch.distributed: the same, expected
+    values on every rank."""
+    (tmp_path / "collectives_check.py").write_text(COLLECTIVES)
+    p = ok(run_job(3, [], module="collectives_check", env={"PYTHONPATH": str(tmp_path)}))
+    assert sorted(ln for ln in p.stdout.splitlines() if ln.startswith("collectives ok")) == [
+        f"collectives ok on rank {r}" for r in range(3)], p.stdout
+
+
+@pytest.mark.parametrize("exchange, moved", [("allgather", "allgather_sent"), ("alltoall", "alltoall_sent")])
+def test_two_ranks_loft_is_identical_over_both_backends(tmp_path, exchange, moved):
+    runs = _pair(tmp_path, 2, ["train.check_sync=true", f"train.exchange={exchange}"])
     a, b = (read_run_file(runs[be] / "pretrain.h5") for be in ("horovod", "torch"))
-    assert any(r["allgather_sent"] for r in a.comm) and any(r["allreduce_sent"] for r in a.comm)
+    assert any(r[moved] for r in a.comm) and any(r["allreduce_sent"] for r in a.comm)
     _same_but_backend(a, b)
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from loft_hpc.checkpoint.h5file import read_run_file
 from loft_hpc.config import load_config
 from loft_hpc.data import build_datasets
+from loft_hpc.exchange.accounting import gpipe_assemble_bytes
 from loft_hpc.models.pipeline import boundary_shapes, pipeline_blocks, stage_state_names
 from loft_hpc.stages.common import lr_function, make_model
 from loft_hpc.train.gpipe import resolve_cuts
@@ -160,8 +161,15 @@ def test_sigterm_to_a_gpipe_stage_checkpoints_exits_3_and_resumes_exactly(gpipe_
     with exactly the uninterrupted run's file, but for the bytes of that checkpoint's assembly."""
     src, _ = gpipe_run
     out = tmp_path / "stopped"
+    cfg = _cfg()
+    bundle = build_datasets(cfg.data)
+    model = make_model(cfg, bundle)
+    blocks = pipeline_blocks(model)
+    sample = torch.zeros(1, bundle.in_channels, bundle.image_size, bundle.image_size)
+    names = stage_state_names(model, blocks, resolve_cuts(cfg, blocks, 2, sample))
+    both = [sum(gpipe_assemble_bytes(model, names, q, mom)["assemble_sent"] for mom in (False, True)) for q in (0, 1)]
     stop_and_resume(2, ["--stage", "pretrain", *GP, f"output.dir={out}"], out, "1:6:pretrain:term", 7, 12,
-                    src / "pretrain.h5", assembles=True)
+                    src / "pretrain.h5", assembles=[(both[0], both[1]), (both[1], both[0])])
 
 
 @pytest.mark.parametrize("extra,needle", [

@@ -77,16 +77,22 @@ def test_alltoall_equals_allgather_after_every_round(tmp_path, np_, extra):
     assert "DIFFERENT" not in tool.stdout, tool.stdout
 
 
+def _model_and_deals(world: int, extra: list[str], rounds: int):
+    """The runs' model, its groups and every rank's filters in rounds 0..rounds-1."""
+    cfg = load_config(str(REPO / "configs" / "default.yaml"), [*BASE, *extra, "output.dir=unused"])
+    model = make_model(cfg, build_datasets(cfg.data))
+    groups = model.filter_groups()
+    part = [g for g in groups if g.partitioned]
+    keeps = {r: [PartitionPlan.draw(cfg.train.seed, r, part, world).keep(s) for s in range(world)] for r in range(rounds)}
+    return model, groups, keeps
+
+
 def _bytes_equal_the_plans(path, world: int, extra: list[str]) -> None:
     """Every rank's /comm row of every round equals the analytic count from the two plans: the
     alltoall from round r-1's deal to round r's, the shared allreduce, and the assembly of the
     weights and the momentum (every round here ends at a snapshot and a checkpoint or the file)
     under round r's deal."""
-    cfg = load_config(str(REPO / "configs" / "default.yaml"), [*BASE, *extra, "output.dir=unused"])
-    model = make_model(cfg, build_datasets(cfg.data))
-    groups = model.filter_groups()
-    part = [g for g in groups if g.partitioned]
-    keeps = {r: [PartitionPlan.draw(cfg.train.seed, r, part, world).keep(s) for s in range(world)] for r in range(4)}
+    model, groups, keeps = _model_and_deals(world, extra, rounds=4)
     rows = [r for r in read_run_file(path).comm if r["round"] >= 1]
     assert len(rows) == 3 * world
     for row in rows:
@@ -120,8 +126,33 @@ def test_sigterm_to_a_lean_run_checkpoints_and_resumes_exactly(tmp_path):
             "output.snapshot_every=8it", "train.exchange=alltoall"]
     ok(run_job(2, [*args, f"output.dir={tmp_path / 'straight'}"]))
     out = tmp_path / "stopped"
+    model, groups, keeps = _model_and_deals(2, [], rounds=4)
+    extra = [tuple(sum(assemble_bytes(model, groups, keeps[3], q, mom)[f"assemble_{d}"] for mom in (False, True))
+                   for d in ("sent", "received")) for q in (0, 1)]  # the weights and momentum under round 3's deal
     stop_and_resume(2, [*args, f"output.dir={out}"], out, "1:2:pretrain:term", 12, 16,
-                    tmp_path / "straight" / "pretrain.h5", assembles=True)
+                    tmp_path / "straight" / "pretrain.h5", assembles=extra)
+
+
+def test_an_assembly_for_a_score_snapshot_is_booked_in_its_own_round(tmp_path):
+    """Snapshots every round, evaluation and checkpoints only at the end: rounds 1 and 2 assemble
+    the weights alone (for the filter scores), and their rows hold exactly that; the last row
+    holds the weights and the momentum for the file. The installed comm tool agrees on every row."""
+    out = tmp_path / "snap"
+    ok(run_job(2, ["--stage", "pretrain", *BASE, "output.checkpoint_every=12it", "train.eval_every=12it",
+                   "train.exchange=alltoall", f"output.dir={out}"]))
+    model, groups, keeps = _model_and_deals(2, [], rounds=4)
+    rows = [r for r in read_run_file(out / "pretrain.h5").comm if r["round"] >= 1]
+    assert len(rows) == 6
+    for row in rows:
+        r, q = row["round"], row["rank"]
+        want = assemble_bytes(model, groups, keeps[r], q, False)
+        if r == 3:
+            for k, v in assemble_bytes(model, groups, keeps[r], q, True).items():
+                want[k] += v
+        assert {k: row[k] for k in want} == want, (r, q)
+    tool = subprocess.run([str(Path(sys.executable).parent / "loft-tools"), "comm", str(out / "pretrain.h5")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "6/6 rows equal it" in tool.stdout and "DIFFERENT" not in tool.stdout, tool.stdout
 
 
 def test_an_allgather_checkpoint_resumes_under_alltoall(tmp_path):

@@ -463,7 +463,8 @@ def markdown(res: dict) -> str:
     payload_check = "DIFFERENT for " + ", ".join(unequal) if unequal else "equal for every run"
     L += ["", "Bytes: fair = total over all links, both directions, each byte once on every link it crosses, "
           "collectives as their bandwidth-optimal ring algorithms (allgather and assembly: (S-1) x the inputs; "
-          "allreduce: 2 (S-1) x the floats; point-to-point and alltoall: the bytes sent to other ranks). Measured: "
+          "allreduce of n floats: 2 (S-1) x 4 n bytes; point-to-point and alltoall: the bytes sent to other ranks). "
+          "Measured: "
           "that rule applied to every /comm row of the job (what each rank handed to its collectives; every rank's "
           f"payload is checked against its analytic count: {payload_check}); analytic: "
           "loft_hpc/exchange/accounting.py for the same steps (loft-alltoall: from every round's deal), plus what "
@@ -540,7 +541,7 @@ def markdown(res: dict) -> str:
     if res.get("share"):
         L += ["## LoFT: the exchange's share of wall time at K = " + " and ".join(str(k) for k in res["share_k"]), "",
               "| S | K | exchange | syncs | fair bytes/epoch, measured | measured - analytic | exchange s per sync "
-              "(rank mean) | wall s/epoch | comm share |", "|---|---|---|---|---|---|---|---|---|"]
+              "(rank mean; alltoall: with the final assembly) | wall s/epoch | comm share |", "|---|---|---|---|---|---|---|---|---|"]
         for r in res["share"]:
             share = f"{r['comm_share']:.1%}" if r["comm_share"] is not None else "not timed"
             per_sync = sum(r["comm_seconds_per_rank"]) / r["S"] / r["syncs"] if r["syncs"] else 0.0

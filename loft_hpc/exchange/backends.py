@@ -68,9 +68,6 @@ class HorovodBackend:
     def broadcast(self, t: torch.Tensor, root: int, name: str) -> torch.Tensor:
         return self.hvd.broadcast(t, root_rank=root, name=name)
 
-    def close(self) -> None:
-        """Horovod shuts down at process exit."""
-
 
 class TorchBackend:
     name = "torch"
@@ -107,10 +104,6 @@ class TorchBackend:
         out = t.clone()
         self.tdist.broadcast(out, src=root, group=self.group)
         return out
-
-    def close(self) -> None:
-        if self.tdist.is_initialized():
-            self.tdist.destroy_process_group()
 
 
 def make_backend(name: str, dist):

@@ -207,7 +207,8 @@ class LeanLayout:
         full tensors ``full`` (by name, allocated by the caller), counted as ``assemble``."""
         names = self.with_mom if momentum else list(self.homes)
         src = store.m if momentum else store.w
-        mine = torch.cat([src[t].reshape(-1) for t in names]) if names else torch.zeros(0)
+        device = next(iter(full.values())).device if full else None
+        mine = torch.cat([src[t].reshape(-1) for t in names]) if names else torch.zeros(0, device=device)
         sizes = [sum(math.prod(self.home_shape(t, plan.keep(s))) for t in names) for s in range(plan.world)]
         got = coll.allgather(mine, name=name, sizes=sizes, kind="assemble")  # collective order: every rank
         off = 0

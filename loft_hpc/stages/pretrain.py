@@ -29,7 +29,8 @@ def run_pretrain(ctx: Context, bundle) -> None:
         else:
             trainer = LoftTrainer(ctx, model, groups, lr_fn=lr_function(t), **kw)
         log(f"pretrain: LoFT-{ctx.dist.size}, K={t.local_steps}, momentum {t.momentum_mode}, "
-            f"{sum(g.partitioned for g in groups)}/{len(groups)} filter groups partitioned", rank=ctx.dist.rank)
+            f"{sum(g.partitioned for g in groups)}/{len(groups)} filter groups partitioned, exchange {t.exchange} "
+            f"over {t.backend}", rank=ctx.dist.rank)
     elif t.method == "gpipe":
         import torch
 
@@ -45,7 +46,7 @@ def run_pretrain(ctx: Context, bundle) -> None:
     else:
         trainer = DenseTrainer(ctx, model, groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                nesterov=t.nesterov, lr_fn=lr_function(t, ctx.dist.size), **kw)
-        log(f"pretrain: dense data parallel on {ctx.dist.size} rank(s)", rank=ctx.dist.rank)
+        log(f"pretrain: dense data parallel on {ctx.dist.size} rank(s) over {t.backend}", rank=ctx.dist.rank)
     # weights the pruning stage will need later: output.snapshot_weights (the snapshot tickets),
     # the rewind point and mask_from (pretraining only: snapshots/weights@<N>it.h5 are its files)
     for s in [*cfg.output.snapshot_weights, rewind_point(cfg.prune), cfg.prune.mask_from]:

@@ -255,6 +255,7 @@ class RoundTrainer:
         last = self.step >= self.total
         if due.snapshot or due.weight_labels or due.evaluate or due.checkpoint or last:
             self.before_boundary()
+            self.ledger.record(self.round, self.step)  # its assembly belongs to this round's row
         fired = self._snapshot() if due.snapshot else False
         # One collective per round agrees on the stop signal and, under train.stop_at_ticket, on
         # the ticket verdict (bit 1: some rank received a signal; 2: some rank's detection fired
