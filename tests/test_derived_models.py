@@ -91,9 +91,13 @@ def test_two_rank_loft_with_check_sync(tmp_path, name):
     p = ok(run_job(2, ["--stage", "pretrain", *TINY, "data.synthetic_train_size=32", "data.batch_size=4",
                        f"data.image_size={size}", f"model.arch=torchvision.{name}", "model.partition_rule=all",
                        "train.duration=4it", "train.local_steps=2", "train.eval_every=4it", "train.check_sync=true",
-                       "train.bn_recalibration=0", "train.train_eval_samples=0", f"output.dir={tmp_path}"]))
+                       "train.bn_recalibration=0", "train.train_eval_samples=0", "train.lr=0.005",
+                       f"output.dir={tmp_path}"]))
     assert "model.width=4, model.inner_width_factor=1.5 do(es) not apply" in p.stdout, p.stdout[-2000:]
-    assert (tmp_path / "pretrain.h5").is_file()
+    from loft_hpc.checkpoint.h5file import read_run_file
+
+    rf = read_run_file(tmp_path / "pretrain.h5")
+    assert all(bool(t.isfinite().all()) for t in rf.model.values() if t.is_floating_point())
 
 
 def _refused(p, needle: str) -> None:
@@ -163,3 +167,62 @@ def test_a_factory_model_runs_and_an_unknown_name_is_refused(tmp_path):
         import torchvision
 
         derive(torchvision.models.get_model("shufflenet_v2_x0_5", num_classes=10), torch.zeros(1, 3, 32, 32))
+
+
+def test_groups_tool_reports_the_derivation(tmp_path):
+    """``loft-tools groups`` from another folder: resnet18's 8 groups, 3 partitioned by the paper's
+    rule (layer2.1, layer3.1, layer4.1 inner channels), 4 residual streams kept whole, and the
+    partitioned share of parameters recomputed here from the partitioned blocks' tensors; DenseNet
+    refused in one line with exit 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = str(Path(sys.executable).parent / "loft-tools")
+    p = subprocess.run([tool, "groups", "torchvision.resnet18", "--list"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    row = next(ln.split() for ln in p.stdout.splitlines() if ln.startswith("torchvision.resnet18"))
+    m = build_model(ModelConfig(arch="torchvision.resnet18"), num_classes=10, in_channels=3, image_size=32,
+                    dataset="synthetic")
+    total = sum(t.numel() for t in m.parameters())
+    inner = sum(t.numel() for n, t in m.named_parameters()
+                if n.split(".")[0] in ("layer2", "layer3", "layer4") and n.split(".")[1] == "1"
+                and n.split(".")[2] in ("conv1", "bn1", "conv2"))
+    assert row[1:4] == ["8", "3", "4"] and int(row[4].replace(",", "")) == total
+    assert row[5] == f"{inner / total:.1%}"
+    listed = [ln.split()[0] for ln in p.stdout.splitlines() if "partitioned" in ln and "filters" in ln]
+    assert sorted(listed) == ["layer2.1.conv1.weight", "layer3.1.conv1.weight", "layer4.1.conv1.weight"]
+    p = subprocess.run([tool, "groups", "torchvision.densenet121"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "torch.cat" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("name, method", [("mobilenet_v2", "structured"), ("resnet18", "unstructured")])
+def test_prune_and_retrain_a_torchvision_model(tmp_path, name, method):
+    """The whole chain on a derived model: LoFT pretraining with score snapshots, a ticket (whole
+    derived groups: depthwise channels go with their expansion; or single weights), retraining;
+    the ticket's masks cover the derived groups' tensors and the distance tool reads the file."""
+    from loft_hpc.checkpoint.h5file import read_run_file
+
+    ok(run_job(2, ["--stage", "pretrain,prune,retrain", *TINY, "data.synthetic_train_size=32", "data.batch_size=4",
+                   f"model.arch=torchvision.{name}", "model.partition_rule=all", "train.duration=4it",
+                   "train.local_steps=2", "train.eval_every=4it", "output.snapshot_every=2it", "train.bn_recalibration=0",
+                   "train.lr=0.005", "retrain.lr=0.005",
+                   "train.train_eval_samples=0", f"prune.method={method}", "prune.ratios=[0.5]", "retrain.duration=2it",
+                   f"output.dir={tmp_path}"]))
+    ticket = read_run_file(tmp_path / "tickets_p50.h5")
+    retrained = read_run_file(tmp_path / "retrain_p50.h5")
+    m = build_model(ModelConfig(arch=f"torchvision.{name}"), num_classes=10, in_channels=3, image_size=16,
+                    dataset="synthetic")
+    groups = m.filter_groups()
+    assert ticket.masks and set(ticket.masks) <= set(m.state_dict())
+    if method == "structured":
+        dw = [g for g in groups if any(mm.tensor.endswith(".1.0.weight") and mm.dim == 0 for mm in g.members)]
+        assert dw  # a group holding a depthwise conv's rows
+        masked = {mm.tensor for g in groups for mm in g.members} & set(ticket.masks)
+        assert any(mm.tensor in masked for g in dw for mm in g.members if mm.dim == 0 and mm.tensor.endswith(".1.0.weight"))
+    assert all(bool(t.isfinite().all()) for t in retrained.model.values() if t.is_floating_point())
+    for n, mask in ticket.masks.items():  # retraining kept the pruned entries at zero
+        assert (mask == 0).any() and not retrained.model[n][mask == 0].any(), n
+    assert len(read_run_file(tmp_path / "pretrain.h5").snap_index) >= 2

@@ -17,6 +17,7 @@ COMMANDS = {
     "detect": ("detect", "when the ticket emerged: filter-distance and Early-Bird criteria on a pretraining file"),
     "comm": ("comm", "communication table: bytes per round, rank and collective; the paper's accounting"),
     "tickets": ("tickets", "snapshot tickets of a run folder: retrained accuracy against the snapshot's epoch"),
+    "groups": ("groups", "a model's filter groups (hand-written or derived from its graph), partitioned shares of parameters and FLOPs, sub-network speed"),
     "theory": ("theory", "Theorem 1 check: distance between LoFT's and gradient descent's trajectories against width"),
 }
 EXIT_USAGE = 2
