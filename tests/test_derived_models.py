@@ -226,3 +226,16 @@ def test_prune_and_retrain_a_torchvision_model(tmp_path, name, method):
     for n, mask in ticket.masks.items():  # retraining kept the pruned entries at zero
         assert (mask == 0).any() and not retrained.model[n][mask == 0].any(), n
     assert len(read_run_file(tmp_path / "pretrain.h5").snap_index) >= 2
+    # the offline tools rebuild the derived model from the file alone (its output layer is not "classifier")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = str(Path(sys.executable).parent / "loft-tools")
+    p = subprocess.run([tool, "summary", str(tmp_path / "pretrain.h5")], cwd=tmp_path.parent, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and f"{len(groups)} filter group(s)" in p.stdout, p.stdout + p.stderr
+    assert f"groups compared ({len(groups)})" in p.stdout, p.stdout
+    p = subprocess.run([tool, "distance", str(tmp_path / "pretrain.h5")], cwd=tmp_path.parent, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "random" in p.stdout, p.stderr

@@ -225,7 +225,10 @@ def build_model(rf):
         from loft_hpc.models import build_model as _build
 
         cfg = config_from_dict(yaml.safe_load(rf.config_yaml))
-        num_classes = int(rf.model["classifier.weight"].shape[0])
+        # the output layer: the package's models call it classifier; any other model's is its last linear weight
+        out = "classifier.weight" if "classifier.weight" in rf.model else [
+            n for n, t in rf.model.items() if n.endswith(".weight") and t.dim() == 2][-1]
+        num_classes = int(rf.model[out].shape[0])
         try:
             native = getattr(importlib.import_module(REGISTRY[cfg.data.name]), "NATIVE_SIZE", 32)
         except Exception:  # noqa: BLE001 - only the size guess depends on it
