@@ -80,7 +80,7 @@ def test_override_that_is_not_yaml_keeps_its_text():
     assert config_from_dict({}, ["output.dir=x: y: z"]).output.dir == "x: y: z"
     with pytest.raises(ConfigError) as e:
         config_from_dict({}, ["model.arch=[unclosed"])
-    assert one_line(e).startswith("model.arch: '[unclosed' is not one of preresnet18")
+    assert one_line(e).startswith("model.arch: '[unclosed' must be one of preresnet18")
 
 
 @pytest.mark.parametrize("raw", [{"train": 3}, {"train": [1, 2]}, {"train": "lr"}])

@@ -87,7 +87,7 @@ def speed(model, world: int, image: tuple[int, int, int], batch: int, reps: int,
 
     import torch
 
-    from loft_hpc.bench.suite import _timed_steps, flops
+    from loft_hpc.bench.suite import _timed_steps
     from loft_hpc.partition.plan import PartitionPlan
     from loft_hpc.partition.slicing import TensorSlicer, subnetwork
 
@@ -109,7 +109,7 @@ def speed(model, world: int, image: tuple[int, int, int], batch: int, reps: int,
         for _ in range(blocks):
             for i, (m, o) in enumerate(zip(nets, opts)):
                 best[i] = min(best[i], _timed_steps(m, o, x, y, reps))
-        f_full, f_sub = flops(full, x[:1]), flops(sub, x[:1])
+        f_full, f_sub = (sum(layer_flops(m, x[:1]).values()) for m in nets)
     finally:
         torch.set_num_threads(threads)
     return {"S": world, "full_ms": 1e3 * best[0], "sub_ms": 1e3 * best[1], "speedup": best[0] / best[1],
