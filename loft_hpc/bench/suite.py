@@ -337,39 +337,6 @@ def run_one(setting: Setting, method: str, world: int, out: Path, timeout: float
 
 
 # ----------------------------------------------------------------------------------- LoFT's sub-network
-def flops(model, x) -> int:
-    """Multiply-accumulates of the conv and linear layers in one forward pass."""
-    import torch
-
-    total = [0]
-
-    def hook(m, _inp, out):
-        if isinstance(m, torch.nn.Conv2d):
-            total[0] += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, torch.nn.Linear):
-            total[0] += out.numel() * m.in_features
-
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hs:
-            h.remove()
-    return total[0]
-
-
-def _timed_steps(model, opt, x, y, n: int) -> float:
-    import torch.nn.functional as F
-
-    t0 = time.perf_counter()
-    for _ in range(n):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return (time.perf_counter() - t0) / n
-
-
 def subnetwork_step(setting: Setting, world: int, reps: int, blocks: int = 3) -> dict:
     """One rank's LoFT sub-network (round 0's partition) against the full network on one core:
     seconds per training step (alternating blocks of ``reps`` steps, the fastest block of each),
@@ -378,35 +345,21 @@ def subnetwork_step(setting: Setting, world: int, reps: int, blocks: int = 3) ->
 
     import torch
 
+    from loft_hpc.bench.subnet import compare_steps
     from loft_hpc.partition.plan import PartitionPlan
     from loft_hpc.partition.slicing import TensorSlicer, subnetwork
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = copy.deepcopy(setting.model)
-        part = [g for g in setting.groups if g.partitioned]
-        plan = PartitionPlan.draw(setting.cfg.train.seed, 0, part, world)
-        sub = subnetwork(model, TensorSlicer(part), plan.keep(0))
-        b = setting.batch
-        x = torch.stack([setting.bundle.train[i][0] for i in range(b)])
-        y = torch.tensor([int(setting.bundle.train[i][1]) for i in range(b)])
-        nets = (model, sub)
-        opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in nets]
-        for m, o in zip(nets, opts):
-            m.train()
-            _timed_steps(m, o, x, y, 2)  # warm-up
-        best = [float("inf")] * 2
-        for _ in range(blocks):
-            for i, (m, o) in enumerate(zip(nets, opts)):
-                best[i] = min(best[i], _timed_steps(m, o, x, y, reps))
-        f_full, f_sub = flops(model, x[:1]), flops(sub, x[:1])
-        p_full = sum(p.numel() for p in model.parameters())
-        p_sub = sum(p.numel() for p in sub.parameters())
-    finally:
-        torch.set_num_threads(threads)
-    return {"S": world, "full_step_ms": 1e3 * best[0], "sub_step_ms": 1e3 * best[1], "speedup": best[0] / best[1],
-            "flops_full": f_full, "flops_sub": f_sub, "flops_ratio": f_full / f_sub, "params_ratio": p_sub / p_full}
+    model = copy.deepcopy(setting.model)
+    part = [g for g in setting.groups if g.partitioned]
+    plan = PartitionPlan.draw(setting.cfg.train.seed, 0, part, world)
+    sub = subnetwork(model, TensorSlicer(part), plan.keep(0))
+    b = setting.batch
+    x = torch.stack([setting.bundle.train[i][0] for i in range(b)])
+    y = torch.tensor([int(setting.bundle.train[i][1]) for i in range(b)])
+    out = compare_steps(model, sub, x, y, reps, blocks)
+    p_full = sum(p.numel() for p in model.parameters())
+    p_sub = sum(p.numel() for p in sub.parameters())
+    return {"S": world, **out, "params_ratio": p_sub / p_full}
 
 
 # ----------------------------------------------------------------------------------- tables

@@ -200,6 +200,19 @@ def derive(model: nn.Module, sample: torch.Tensor, rule: str = "loft") -> Deriva
     value: dict[str, tuple[int, int]] = {}  # node name -> (space, features per channel along dim 1)
     block_joins: list[fx.Node] = []
 
+    def rows(space: int, target: str, m: nn.Module) -> None:
+        """The layer's weight rows and bias index ``space``."""
+        spaces[space].members.append(Member(f"{target}.weight", 0))
+        if m.bias is not None:
+            spaces[space].members.append(Member(f"{target}.bias", 0))
+
+    def produce(node: fx.Node, m: nn.Module, size: int, order: int) -> int:
+        """A new space opened by the layer ``m`` at ``node``: its rows are the producer entries."""
+        t = new_space(size, order, node.name)
+        rows(t, node.target, m)
+        spaces[t].producers.append(f"{node.target}.weight")
+        return t
+
     def refuse(node: fx.Node, what: str) -> None:
         raise UnsupportedGraph(f"{type(model).__name__}: {what} at {_where(node)} (node {node.name}) is not supported "
                                "by the filter-group derivation")
@@ -241,16 +254,9 @@ def derive(model: nn.Module, sample: torch.Tensor, rule: str = "loft") -> Deriva
                     refuse(node, "a convolution of flattened features")
                 if m.groups == 1:
                     spaces[s].members.append(Member(f"{node.target}.weight", 1))
-                    t = new_space(m.out_channels, i, node.name)
-                    spaces[t].members.append(Member(f"{node.target}.weight", 0))
-                    if m.bias is not None:
-                        spaces[t].members.append(Member(f"{node.target}.bias", 0))
-                    spaces[t].producers.append(f"{node.target}.weight")
-                    value[node.name] = (t, 1)
+                    value[node.name] = (produce(node, m, m.out_channels, i), 1)
                 elif m.groups == m.in_channels == m.out_channels:
-                    spaces[s].members.append(Member(f"{node.target}.weight", 0))
-                    if m.bias is not None:
-                        spaces[s].members.append(Member(f"{node.target}.bias", 0))
+                    rows(s, node.target, m)  # depthwise: channel c in, channel c out
                     value[node.name] = (s, 1)
                 else:
                     refuse(node, f"a grouped convolution (groups={m.groups}, {m.in_channels} -> {m.out_channels} "
@@ -259,12 +265,7 @@ def derive(model: nn.Module, sample: torch.Tensor, rule: str = "loft") -> Deriva
                 if shape is None or len(shape) != 2:
                     refuse(node, "a linear layer on a tensor that is not N x features")
                 spaces[s].members.append(Member(f"{node.target}.weight", 1, rep))
-                t = new_space(m.out_features, i, node.name)
-                spaces[t].members.append(Member(f"{node.target}.weight", 0))
-                if m.bias is not None:
-                    spaces[t].members.append(Member(f"{node.target}.bias", 0))
-                spaces[t].producers.append(f"{node.target}.weight")
-                value[node.name] = (t, 1)
+                value[node.name] = (produce(node, m, m.out_features, i), 1)
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 if rep != 1:
                     refuse(node, "a BatchNorm over flattened features")
@@ -308,7 +309,7 @@ def derive(model: nn.Module, sample: torch.Tensor, rule: str = "loft") -> Deriva
                     refuse(node, f"{fn} to {out} (only N x features is followed)")
                 value[node.name] = _flatten(node, x, s, rep, 1, refuse)
             else:
-                start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0 if is_fn else 0)
+                start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
                 value[node.name] = _flatten(node, x, s, rep, start, refuse)
         elif (is_fn and fn in _MEAN[0]) or (is_method and fn in _MEAN[1]):
             x = node.args[0]
@@ -336,7 +337,7 @@ def derive(model: nn.Module, sample: torch.Tensor, rule: str = "loft") -> Deriva
             tied.append((producers, joins.get(root, [])))
             continue
         (s,) = members
-        if s in INPUT or s in OUTPUT or not spaces[s].producers or any(find(o) == root for o in INPUT | OUTPUT):
+        if s in INPUT or s in OUTPUT or not spaces[s].producers:
             continue
         sp = spaces[s]
         name = sp.producers[0].rsplit(".", 1)[0]

@@ -342,17 +342,22 @@ def comm_summary(rf) -> dict:
             "rows": len(rf.comm), "links": links, "links_sync": links_sync}
 
 
-def dense_boundary_steps(rf) -> set[int]:
-    """Steps where a dense run averaged its BN statistics: its evaluations (/metrics) and weight
-    snapshots (``weights@<step>it.h5``)."""
+def weight_snapshot_steps(rf) -> set[int]:
+    """Steps of the run's weight snapshots (``weights@<step>it.h5``)."""
     import re
 
-    steps = {int(m["step"]) for m in rf.metrics}
+    steps = set()
     for p in rf.weight_snapshots.values():
         m = re.search(r"weights@(\d+)it\.h5$", str(p))
         if m:
             steps.add(int(m.group(1)))
     return steps
+
+
+def dense_boundary_steps(rf) -> set[int]:
+    """Steps where a dense run averaged its BN statistics: its evaluations (/metrics) and weight
+    snapshots."""
+    return {int(m["step"]) for m in rf.metrics} | weight_snapshot_steps(rf)
 
 
 def assembly_due(rf, cfg, steps_per_round: int):
@@ -366,7 +371,7 @@ def assembly_due(rf, cfg, steps_per_round: int):
     bpe, total = int(rf.progress["batches_per_epoch"]), int(rf.progress["total_steps"])
     final = int(rf.progress["step"])
     events = EventPolicy(cfg, bpe, total)
-    weight_steps = {s for s in dense_boundary_steps(rf) if s not in {int(m["step"]) for m in rf.metrics}}
+    weight_steps = weight_snapshot_steps(rf)
 
     def due(row) -> tuple[bool, bool]:
         step = int(row["step"])

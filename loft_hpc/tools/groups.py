@@ -35,38 +35,11 @@ def add_arguments(ap) -> None:
     ap.add_argument("--reps", type=int, default=5, help="timed steps per block")
 
 
-def layer_flops(model, x) -> dict[str, int]:
-    """Multiply-accumulates of every conv and linear layer (by weight name) in one forward pass."""
-    import torch
-
-    out: dict[str, int] = {}
-
-    def hook(name):
-        def fn(m, _inp, y):
-            if isinstance(m, torch.nn.Conv2d):
-                out[name] = out.get(name, 0) + y.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-            else:
-                out[name] = out.get(name, 0) + y.numel() * m.in_features
-        return fn
-
-    hs = [m.register_forward_hook(hook(f"{n}.weight")) for n, m in model.named_modules()
-          if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.train(was)
-        for h in hs:
-            h.remove()
-    return out
-
-
 def describe(model, image: tuple[int, int, int]) -> dict:
     """Groups, tied spaces and the partitioned shares of one model."""
     import torch
 
+    from loft_hpc.bench.subnet import layer_flops
     from loft_hpc.exchange.accounting import model_floats, partitioned_tensors
 
     groups = model.filter_groups()
@@ -87,33 +60,17 @@ def speed(model, world: int, image: tuple[int, int, int], batch: int, reps: int,
 
     import torch
 
-    from loft_hpc.bench.suite import _timed_steps
+    from loft_hpc.bench.subnet import compare_steps
     from loft_hpc.partition.plan import PartitionPlan
     from loft_hpc.partition.slicing import TensorSlicer, subnetwork
 
     part = [g for g in model.filter_groups() if g.partitioned]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        full = copy.deepcopy(model)
-        sub = subnetwork(full, TensorSlicer(part), PartitionPlan.draw(0, 0, part, world).keep(0)) if part else copy.deepcopy(full)
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, *image, generator=gen)
-        y = torch.randint(0, 2, (batch,), generator=gen)
-        nets = (full, sub)
-        opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in nets]
-        for m, o in zip(nets, opts):
-            m.train()
-            _timed_steps(m, o, x, y, 1)  # warm-up
-        best = [float("inf")] * 2
-        for _ in range(blocks):
-            for i, (m, o) in enumerate(zip(nets, opts)):
-                best[i] = min(best[i], _timed_steps(m, o, x, y, reps))
-        f_full, f_sub = (sum(layer_flops(m, x[:1]).values()) for m in nets)
-    finally:
-        torch.set_num_threads(threads)
-    return {"S": world, "full_ms": 1e3 * best[0], "sub_ms": 1e3 * best[1], "speedup": best[0] / best[1],
-            "flops_ratio": f_full / f_sub}
+    full = copy.deepcopy(model)
+    sub = subnetwork(full, TensorSlicer(part), PartitionPlan.draw(0, 0, part, world).keep(0)) if part else copy.deepcopy(full)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *image, generator=gen)
+    y = torch.randint(0, 2, (batch,), generator=gen)
+    return {"S": world, **compare_steps(full, sub, x, y, reps, blocks, warmup=1)}
 
 
 def run(a) -> int:
@@ -140,6 +97,6 @@ def run(a) -> int:
                       f"{len(g.members)} tensors: {', '.join(f'{m.tensor}[{m.dim}]' for m in g.members)}")
         for s in a.speed:
             sp = speed(model, s, image, a.batch, a.reps)
-            print(f"    S={s}: step {sp['full_ms']:.1f} ms full, {sp['sub_ms']:.1f} ms sub-network: speed-up "
+            print(f"    S={s}: step {sp['full_step_ms']:.1f} ms full, {sp['sub_step_ms']:.1f} ms sub-network: speed-up "
                   f"{sp['speedup']:.2f}x against a FLOPs ratio of {sp['flops_ratio']:.2f}x (one core, batch {a.batch})")
     return 0
